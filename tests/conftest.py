@@ -127,3 +127,23 @@ def tiny_model(comfy_host):
     from blora_testkit.tiny_sdxl import tiny_sdxl_model
 
     return tiny_sdxl_model(seed=0)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One line per layer: how many tests ran, passed, failed and skipped (CI prints this)."""
+    counts: dict[str, dict[str, int]] = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            path = getattr(report, "fspath", None) or getattr(report, "nodeid", "")
+            parts = Path(str(report.nodeid).split("::")[0]).parts
+            layer = parts[1] if len(parts) > 1 and parts[0] == "tests" else (parts[0] if parts else "?")
+            counts.setdefault(layer, {}).setdefault(outcome, 0)
+            counts[layer][outcome] += 1
+    terminalreporter.write_sep("-", "blora test layers")
+    for layer in sorted(counts):
+        c = counts[layer]
+        ran = c.get("passed", 0) + c.get("failed", 0) + c.get("error", 0)
+        terminalreporter.write_line(f"layer {layer}: ran {ran} ({c.get('passed', 0)} passed, {c.get('failed', 0)} "
+                                    f"failed, {c.get('error', 0)} errors), skipped {c.get('skipped', 0)}")
+    if HOST is None:
+        terminalreporter.write_line(f"host and server layers skipped: {NO_HOST_REASON}")
