@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Mapping
 
-from .blocks import Block, resolve_block
-from .errors import BlockNameError, ScheduleError
+from .adapter import Adapter, select
+from .blocks import Block, role_block, resolve_block
+from .errors import BLoRAError, BlockNameError, ScheduleError
 
 DEFAULT_KEY = "default"
 
@@ -154,3 +155,31 @@ def parse_block_weights(text: str) -> BlockWeights:
         seen[entry.prefix] = where
         entries.append(entry)
     return BlockWeights(tuple(entries), default)
+
+
+def role_parts(roles: Mapping[str, tuple[Adapter | None, float]], mode: str = "linear") -> list[tuple[Adapter, float]]:
+    """(adapter, linear strength) parts for Apply B-LoRA: each role's block taken from its own adapter.
+
+    roles: role -> (adapter or None, strength), e.g. {"content": (A, 1.0), "style": (B, 0.8)}. A given adapter
+    lacking its role's block is an error naming the file and the role; absent adapters are left out."""
+    parts = []
+    for role, (adapter, strength) in roles.items():
+        if adapter is None:
+            continue
+        block = role_block(role)
+        part = select(adapter, [block])
+        if not part.modules:
+            held = ", ".join(f"{b.slot} ({b.role or b.ldm})" for b in adapter.blocks()) or "no SDXL attention block"
+            raise BLoRAError(f"{adapter.source or 'adapter'}: no {role} block ({block.ldm}, {block.slot}) in this "
+                             f"file, given as {role}; it holds {held}")
+        parts.append((part, effective_strength(strength, mode)))
+    return parts
+
+
+def block_weight_parts(adapter: Adapter, weights: BlockWeights) -> list[tuple[Adapter, float]]:
+    """Every module of ``adapter`` grouped by its strength under ``weights``: one (adapter, strength) part per
+    distinct strength, in first-seen order (strength-0 modules included; the patcher skips them)."""
+    groups: dict[float, dict] = {}
+    for path, module in adapter.modules.items():
+        groups.setdefault(weights.strength_for(path), {})[path] = module
+    return [(replace(adapter, modules=modules), strength) for strength, modules in groups.items()]

@@ -135,3 +135,59 @@ def test_strength_modes_table_and_unknown_mode():
     assert list(STRENGTH_MODES) == ["linear", "alpha_squared"]
     with pytest.raises(ScheduleError, match="unknown strength mode 'cubic'"):
         effective_strength(1.0, "cubic")
+
+
+# --- parts: what Apply B-LoRA and B-LoRA Block Weights hand to the patcher ------------------------------------
+
+def _adapter(paths, source="file.safetensors"):
+    import torch
+
+    from blora.adapter import Adapter, ModuleAdapter
+
+    gen = torch.Generator().manual_seed(0)
+    modules = {p: ModuleAdapter("lora", {"down": torch.randn(2, 8, generator=gen), "up": torch.randn(8, 2, generator=gen)},
+                                alpha=2.0) for p in paths}
+    return Adapter(modules=modules, source=source, dialect="kohya")
+
+
+BOTH = [CONTENT_Q1, CONTENT_Q3, STYLE_V0, "te1:text_model.encoder.layers.0.self_attn.q_proj"]
+
+
+def test_role_parts_take_each_block_from_its_own_file():
+    from blora.weights import role_parts
+
+    a, b = _adapter(BOTH, "a.safetensors"), _adapter(BOTH + [LAYOUT_O0], "b.safetensors")
+    parts = role_parts({"content": (a, 0.5), "style": (b, -1.5), "layout": (None, 1.0)})
+    assert [(sorted(p.modules), s) for p, s in parts] == [([CONTENT_Q1, CONTENT_Q3], 0.5), ([STYLE_V0], -1.5)]
+    assert parts[0][0].modules[CONTENT_Q1] is a.modules[CONTENT_Q1]
+    assert parts[1][0].modules[STYLE_V0] is b.modules[STYLE_V0]
+
+
+def test_role_parts_alpha_squared_mode():
+    from blora.weights import role_parts
+
+    a = _adapter(BOTH)
+    parts = role_parts({"content": (a, 1.1), "style": (a, -0.5)}, "alpha_squared")
+    assert [s for _, s in parts] == [pytest.approx(1.21), pytest.approx(-0.25)]
+
+
+def test_role_parts_missing_role_names_file_and_role():
+    from blora.weights import role_parts
+
+    style_only = _adapter([STYLE_V0], "/models/blora/style_only.safetensors")
+    with pytest.raises(ValueError, match=r"style_only.safetensors: no content block \(output_blocks.0.1, OUT0\).*"
+                                         r"holds OUT1 \(style\)"):
+        role_parts({"content": (style_only, 1.0)})
+
+
+def test_block_weight_parts_group_modules_by_strength():
+    from blora.weights import block_weight_parts
+
+    a = _adapter(BOTH + [LAYOUT_O0, MID_Q0])
+    bw = parse_block_weights("content=0.5, content.transformer_blocks.3=0, style=0.5, default=2")
+    parts = block_weight_parts(a, bw)
+    got = {s: sorted(p.modules) for p, s in parts}
+    assert got == {0.5: [CONTENT_Q1, STYLE_V0], 0.0: [CONTENT_Q3],
+                   2.0: sorted([LAYOUT_O0, MID_Q0, "te1:text_model.encoder.layers.0.self_attn.q_proj"])}
+    assert sum(len(p.modules) for p, _ in parts) == len(a.modules)
+    assert all(p.source == a.source for p, _ in parts)
