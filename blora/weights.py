@@ -26,11 +26,12 @@ DEFAULT_KEY = "default"
 # What may follow a block name: the modules inside a SpatialTransformer (LDM and diffusers spell them alike).
 _SUB_PATH = re.compile(
     r"^(proj_in|proj_out|norm"
-    r"|transformer_blocks(\.\d+(\.(attn[12](\.(to_q|to_k|to_v|to_out(\.0)?))?|norm[123]|ff(\.net(\.\d+(\.proj)?)?)?))?)?)$")
+    r"|transformer_blocks(\.\d+(\.(attn[12](\.(to_q|to_k|to_v|to_out(\.0)?))?"
+    r"|norm[123]|ff(\.net(\.\d+(\.proj)?)?)?))?)?)$")
 
 STRENGTH_MODES: dict[str, Callable[[float], float]] = {
-    "linear": lambda s: s,              # ComfyUI's strength: W + s·ΔW
-    "alpha_squared": lambda s: s * abs(s),  # original B-LoRA inference scales up and down by s: effect s², sign kept
+    "linear": lambda s: s,  # ComfyUI's strength: W + s·ΔW
+    "alpha_squared": lambda s: s * abs(s),  # original B-LoRA scales up and down by s: effect s², sign kept
 }
 
 

@@ -145,8 +145,8 @@ def _adapter(paths, source="file.safetensors"):
     from blora.adapter import Adapter, ModuleAdapter
 
     gen = torch.Generator().manual_seed(0)
-    modules = {p: ModuleAdapter("lora", {"down": torch.randn(2, 8, generator=gen), "up": torch.randn(8, 2, generator=gen)},
-                                alpha=2.0) for p in paths}
+    modules = {p: ModuleAdapter("lora", {"down": torch.randn(2, 8, generator=gen),
+                                         "up": torch.randn(8, 2, generator=gen)}, alpha=2.0) for p in paths}
     return Adapter(modules=modules, source=source, dialect="kohya")
 
 
