@@ -1,0 +1,107 @@
+// Train B-LoRA: a live loss chart on the node (raw loss + EMA), step counter, steps/s, ETA and the latest preview.
+// Driven by the server event `blora.train.progress` {node, step, steps, loss, elapsed, preview?} while the node
+// runs, and by the node's UI output `loss` (one float per step) when it finishes or is restored from history.
+// State for tests and other extensions: node.bloraChart (a LossChart).
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
+import { addPanel, chain, COLORS, element, nodeByExecutionId, redraw, viewUrl } from "./blora_common.js";
+import { drawLossChart, LossChart } from "./loss_chart.js";
+
+const NODE_TYPE = "BLoRATrain";
+const PROGRESS_EVENT = "blora.train.progress";
+const MIN_HEIGHT = 190;
+
+/** The DOM panel of one node: chart canvas, summary line, preview image. */
+class ChartView {
+  constructor(node) {
+    this.node = node;
+    this.root = element("div", { display: "flex", flexDirection: "column", gap: "3px", width: "100%",
+      height: "100%", boxSizing: "border-box", overflow: "hidden" });
+    this.plot = element("div", { position: "relative", flex: "1 1 auto", minHeight: "90px" });
+    this.canvas = element("canvas", { position: "absolute", inset: "0", width: "100%", height: "100%",
+      borderRadius: "4px" });
+    this.line = element("div", { font: "11px monospace", color: COLORS.text, whiteSpace: "nowrap",
+      overflow: "hidden", textOverflow: "ellipsis", flex: "0 0 auto" });
+    this.image = element("img", { display: "none", flex: "0 1 auto", minHeight: "0", maxHeight: "45%",
+      objectFit: "contain" });
+    this.image.alt = "training preview";
+    this.plot.append(this.canvas);
+    this.root.append(this.plot, this.line, this.image);
+    this.resize = new ResizeObserver(() => this.render());
+    this.resize.observe(this.plot);
+    addPanel(node, "blora_loss_chart", this.root, MIN_HEIGHT);
+  }
+
+  render() {
+    const chart = this.node.bloraChart;
+    drawLossChart(this.canvas, chart);
+    this.line.textContent = chart.summary();
+    this.line.title = this.line.textContent;
+    this.showPreview(chart.preview);
+    redraw();
+  }
+
+  showPreview(preview) {
+    if (!preview) {
+      this.image.style.display = "none";
+      return;
+    }
+    const src = viewUrl(preview);
+    if (this.image.dataset.src !== src) {
+      this.image.dataset.src = src;
+      this.image.src = src;
+    }
+    this.image.style.display = "block";
+  }
+
+  dispose() {
+    this.resize.disconnect();
+  }
+}
+
+function trainNode(executionId) {
+  const node = executionId == null ? null : nodeByExecutionId(executionId);
+  return node?.comfyClass === NODE_TYPE && node.bloraChart ? node : null;
+}
+
+function onProgress({ detail }) {
+  const node = trainNode(detail?.node);
+  if (!node) return;
+  node.bloraChart.update(detail);
+  node.bloraChartView.render();
+}
+
+function onExecuting({ detail }) {
+  const node = trainNode(detail);
+  if (!node) return;
+  node.bloraChart.start();
+  node.bloraChartView.render();
+}
+
+app.registerExtension({
+  name: "blora.train_chart",
+
+  setup() {
+    api.addEventListener(PROGRESS_EVENT, onProgress);
+    api.addEventListener("executing", onExecuting);
+  },
+
+  beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== NODE_TYPE) return;
+    const proto = nodeType.prototype;
+    chain(proto, "onNodeCreated", function () {
+      this.bloraChart = new LossChart();
+      this.bloraChartView = new ChartView(this);
+      this.setSize([Math.max(this.size[0], 380), Math.max(this.size[1], this.computeSize()[1])]);
+    });
+    chain(proto, "onExecuted", function (output) {
+      const losses = output?.loss;
+      if (!Array.isArray(losses) || !this.bloraChart) return;
+      this.bloraChart.finish(losses.map(Number), Number(output.elapsed?.[0]));
+      this.bloraChartView.render();
+    });
+    chain(proto, "onRemoved", function () {
+      this.bloraChartView?.dispose();
+    });
+  },
+});
