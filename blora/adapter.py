@@ -16,9 +16,9 @@ from .errors import ArchitectureError, BLoRAError
 
 # Tensor names each adapter kind holds (optional ones in the second tuple).
 KIND_TENSORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "lora": (("down", "up"), ("mid",)),
-    "loha": (("w1a", "w1b", "w2a", "w2b"), ("t1", "t2")),
-    "lokr": ((), ("w1", "w1a", "w1b", "w2", "w2a", "w2b", "t2")),
+    "lora": (("down", "up"), ("mid", "diff_b")),
+    "loha": (("w1a", "w1b", "w2a", "w2b"), ("t1", "t2", "diff_b")),
+    "lokr": ((), ("w1", "w1a", "w1b", "w2", "w2a", "w2b", "t2", "diff_b")),
     "full": (("diff",), ("diff_b",)),
 }
 
@@ -29,7 +29,9 @@ class ModuleAdapter:
 
     kind ``lora``: down (r, in[, kh, kw]), up (out, r[, 1, 1]), optional mid (r, r, kh, kw);
     ``loha``: w1a (out, r), w1b (r, in), w2a (out, r), w2b (r, in), optional t1, t2;
-    ``lokr``: w1 or (w1a, w1b), and w2 or (w2a, w2b), optional t2; ``full``: diff (out, in), optional diff_b.
+    ``lokr``: w1 or (w1a, w1b), and w2 or (w2a, w2b), optional t2; ``full``: diff (out, in) or (n,), optional diff_b.
+    Every kind may carry diff_b (out,): a bias difference (ComfyUI's trainer writes one beside each LoRA), which
+    delta_weight ignores (it is the weight's delta); the host applies it to the bias.
     alpha: as stored in the file; None when the file stores none (scale 1, i.e. alpha = rank).
     dora_scale: DoRA magnitude as stored ((out, 1) output axis or (1, in) input axis), or None.
     """
@@ -75,8 +77,8 @@ class ModuleAdapter:
         t = self.tensors
         if self.kind == "lora":
             return int(t["up"].shape[0]), int(t["down"].shape[1])
-        if self.kind == "full":
-            return int(t["diff"].shape[0]), int(t["diff"].shape[1])
+        if self.kind == "full":  # 1-D for norm weights: (n,)
+            return tuple(int(s) for s in t["diff"].shape[:2])
         w = delta_weight(self)
         return int(w.shape[0]), int(w.shape[1])
 

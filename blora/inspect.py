@@ -1,0 +1,113 @@
+"""What an adapter holds, for the Load node (one line), its UI (a dict) and the CLI (several lines)."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+from .adapter import Adapter
+from .blocks import block_of
+
+KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full diff"}
+
+
+@dataclass(frozen=True)
+class AdapterReport:
+    """Summary of one adapter.
+
+    roles: content/style/layout present; blocks: LBW slots (``OUT0``…) of the attention blocks touched, SDXL
+    order; kinds: adapter kinds; ranks / alphas: distinct values (alpha None: the file stores none, scale 1);
+    dtypes: tensor dtypes (``float16``…); unet_other: UNet modules outside attention blocks (resnets, embeddings);
+    te_modules: text-encoder modules; unmapped: file keys that name no SDXL module (never applied).
+    """
+
+    source: str
+    dialect: str
+    roles: tuple[str, ...]
+    blocks: tuple[str, ...]
+    kinds: tuple[str, ...]
+    ranks: frozenset[int]
+    alphas: frozenset[float | None]
+    dtypes: tuple[str, ...]
+    num_params: int
+    num_modules: int
+    unet_other: int
+    te_modules: int
+    unmapped: tuple[str, ...]
+    dora: bool
+    trigger: str
+
+    def summary(self) -> str:
+        """One line: ``kohya · content, style (OUT0 OUT1) · LoRA rank 64 · 160 modules · 28.2M params``."""
+        where = ", ".join(self.roles) or "no B-LoRA role"
+        blocks = f" ({' '.join(self.blocks)})" if self.blocks else ""
+        parts = [self.dialect, where + blocks, f"{self._kinds()} {self._ranks()}".strip(),
+                 f"{self.num_modules} modules", f"{_millions(self.num_params)} params"]
+        if self.te_modules:
+            parts.append(f"{self.te_modules} text-encoder modules")
+        if self.unmapped:
+            parts.append(f"{len(self.unmapped)} keys unmapped")
+        if self.trigger:
+            parts.append(f"trigger {self.trigger!r}")
+        return " · ".join(parts)
+
+    def to_dict(self) -> dict:
+        """JSON-able: sets become sorted lists (None alpha first, as null)."""
+        d = asdict(self)
+        d["ranks"] = sorted(self.ranks)
+        d["alphas"] = sorted(self.alphas, key=lambda a: (a is not None, a or 0.0))
+        for name in ("roles", "blocks", "kinds", "dtypes", "unmapped"):
+            d[name] = list(d[name])
+        return d
+
+    def format(self) -> str:
+        """Several lines, for the command line."""
+        alphas = ", ".join("none (scale 1)" if a is None else f"{a:g}"
+                           for a in sorted(self.alphas, key=lambda a: (a is not None, a or 0.0)))
+        lines = [
+            f"file:      {self.source or '(in memory)'}",
+            f"dialect:   {self.dialect}",
+            f"roles:     {', '.join(self.roles) or '-'}",
+            f"blocks:    {' '.join(self.blocks) or '-'}",
+            f"kinds:     {self._kinds()}{' + DoRA' if self.dora else ''}",
+            f"ranks:     {', '.join(map(str, sorted(self.ranks))) or '-'}",
+            f"alpha:     {alphas or '-'}",
+            f"dtypes:    {', '.join(self.dtypes)}",
+            f"modules:   {self.num_modules} ({self.unet_other} outside attention blocks, "
+            f"{self.te_modules} text encoder)",
+            f"params:    {self.num_params:,}",
+            f"trigger:   {self.trigger or '-'}",
+            f"unmapped:  {len(self.unmapped)}",
+        ]
+        lines += [f"  {k}" for k in self.unmapped[:10]]
+        if len(self.unmapped) > 10:
+            lines.append(f"  … and {len(self.unmapped) - 10} more")
+        return "\n".join(lines)
+
+    def _kinds(self) -> str:
+        return "+".join(KIND_NAMES.get(k, k) for k in self.kinds) + (" DoRA" if self.dora else "")
+
+    def _ranks(self) -> str:
+        if not self.ranks:
+            return ""
+        return "rank " + "/".join(map(str, sorted(self.ranks)))
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"
+
+
+def inspect_adapter(adapter: Adapter) -> AdapterReport:
+    """The report of ``adapter`` (no tensor math beyond counting)."""
+    modules = adapter.modules
+    kinds = Counter(m.kind for m in modules.values())
+    dtypes = {str(t.dtype).replace("torch.", "") for m in modules.values() for t in m.tensors.values()}
+    unet = [p for p in modules if not p.startswith(("te1:", "te2:"))]
+    return AdapterReport(
+        source=adapter.source, dialect=adapter.dialect or "-",
+        roles=tuple(adapter.roles()), blocks=tuple(b.slot for b in adapter.blocks()),
+        kinds=tuple(sorted(kinds)), ranks=frozenset(m.rank for m in modules.values() if m.rank),
+        alphas=frozenset(m.alpha for m in modules.values() if m.rank),
+        dtypes=tuple(sorted(dtypes)), num_params=adapter.num_params, num_modules=len(modules),
+        unet_other=sum(1 for p in unet if block_of(p) is None), te_modules=len(modules) - len(unet),
+        unmapped=tuple(adapter.unmapped), dora=any(m.dora_scale is not None for m in modules.values()),
+        trigger=adapter.trigger)
