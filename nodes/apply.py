@@ -1,2 +1,81 @@
-"""Placeholder: filled by the topic owner."""
-NODES: list = []
+"""Apply B-LoRA (content, style and layout blocks with their own strengths) and B-LoRA Block Weights."""
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from ..blora.adapter import Adapter
+from ..blora.host import patched_clone
+from ..blora.weights import STRENGTH_MODES, block_weight_parts, parse_block_weights, role_parts
+from .types import BLoRA, strength
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_EXAMPLE = ("content=1.0, style=1.0\n# OUT1=0.6, input_blocks.8.1=0.3\n"
+                   "# output_blocks.0.1.transformer_blocks.3=0\n")
+
+
+class BLoRAApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BLoRAApply", display_name="Apply B-LoRA", category="B-LoRA",
+            description="Patch an SDXL model with the content block (output_blocks.0.1) of one B-LoRA, the style "
+                        "block (output_blocks.1.1) of another and optionally a layout block (input_blocks.8.1), "
+                        "each with its own strength. Returns a patched clone; the input model is not changed.",
+            inputs=[
+                io.Model.Input("model", tooltip="SDXL-architecture model; a patched clone is returned."),
+                BLoRA.Input("content", optional=True,
+                            tooltip="B-LoRA whose content block (output_blocks.0.1, OUT0) is applied."),
+                BLoRA.Input("style", optional=True,
+                            tooltip="B-LoRA whose style block (output_blocks.1.1, OUT1) is applied."),
+                BLoRA.Input("layout", optional=True,
+                            tooltip="B-LoRA whose layout block (input_blocks.8.1, IN08) is applied."),
+                strength("content_strength", "Strength of the content block; negative values subtract it."),
+                strength("style_strength", "Strength of the style block; negative values subtract it."),
+                strength("layout_strength", "Strength of the layout block; negative values subtract it."),
+                io.Combo.Input("strength_mode", options=list(STRENGTH_MODES), default="linear",
+                               tooltip="linear: ComfyUI's LoRA strength. alpha_squared: the original B-LoRA "
+                                       "inference scale (strength s acts like linear s², sign kept)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the B-LoRA blocks applied.")])
+
+    @classmethod
+    def execute(cls, model: io.Model.Type, content_strength: float = 1.0, style_strength: float = 1.0,
+                layout_strength: float = 1.0, strength_mode: str = "linear", content: Adapter | None = None,
+                style: Adapter | None = None, layout: Adapter | None = None) -> io.NodeOutput:
+        parts = role_parts({"content": (content, content_strength), "style": (style, style_strength),
+                            "layout": (layout, layout_strength)}, strength_mode)
+        return io.NodeOutput(patched_clone(model, parts))
+
+
+class BLoRABlockWeights(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BLoRABlockWeights", display_name="B-LoRA Block Weights", category="B-LoRA",
+            description="Apply every module of an adapter with a strength per block (or per transformer block, "
+                        "attention or projection inside a block), written as text.",
+            inputs=[
+                io.Model.Input("model", tooltip="SDXL-architecture model; a patched clone is returned."),
+                BLoRA.Input("blora", tooltip="The adapter to apply (all of its blocks)."),
+                io.String.Input("weights", multiline=True, default=WEIGHTS_EXAMPLE,
+                                tooltip="Entries name=value, separated by commas or new lines; # starts a comment. "
+                                        "Names: content, style, layout, LBW slots (IN04 … OUT5), LDM or diffusers "
+                                        "block names, optionally followed by a sub-path such as "
+                                        ".transformer_blocks.3.attn2. default=… sets unlisted blocks (1.0 if "
+                                        "not given). The most specific entry wins."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the adapter applied at the given block strengths.")])
+
+    @classmethod
+    def execute(cls, model: io.Model.Type, blora: Adapter, weights: str) -> io.NodeOutput:
+        block_weights = parse_block_weights(weights)
+        for entry in block_weights.unused(blora.modules):
+            log.warning("%s: block weights entry %r (%s) matches no module of this file", blora.source,
+                        entry.text, entry.position)
+        return io.NodeOutput(patched_clone(model, block_weight_parts(blora, block_weights)))
+
+
+NODES = [BLoRAApply, BLoRABlockWeights]
