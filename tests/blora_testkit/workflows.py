@@ -1,0 +1,111 @@
+"""API-format graphs for server tests: a stock txt2img graph, the shipped examples pointed at the tiny
+checkpoint, and readers for what the graphs save (TEST-ONLY; no host import)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+API_EXAMPLES = ROOT / "example_workflows" / "api"
+SMALL = {"size": 64, "steps": 3}
+
+
+def message_types(messages: list[dict]) -> list[str]:
+    return [m.get("type") for m in messages]
+
+
+def execution_error(messages: list[dict]) -> dict | None:
+    """The data of the prompt's execution_error message (node_type, exception_message, ...), or None."""
+    return next((m["data"] for m in messages if m.get("type") == "execution_error"), None)
+
+
+def stock_graph(ckpt_name: str, *, seed: int = 0, steps: int = 3, size: int = 64, cfg: float = 5.0,
+                positive: str = "a photo of a cat", negative: str = "", loras: tuple = (),
+                prefix: str = "testkit") -> dict:
+    """CheckpointLoaderSimple -> [LoraLoaderModelOnly (name, strength) ...] -> KSampler -> VAEDecode ->
+    SaveImage (node "7"), and SaveLatent (node "8", under latents/). The sampler is node "5"."""
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}}}
+    model = ["1", 0]
+    for i, (name, strength) in enumerate(loras):
+        node = str(20 + i)
+        g[node] = {"class_type": "LoraLoaderModelOnly",
+                   "inputs": {"model": model, "lora_name": name, "strength_model": strength}}
+        model = [node, 0]
+    g.update({
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": model, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": seed,
+            "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{prefix}"}},
+    })
+    return g
+
+
+def api_example_names() -> list[str]:
+    """Names (without .json) of the shipped API-format examples."""
+    return sorted(p.stem for p in API_EXAMPLES.glob("*.json"))
+
+
+def _is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+
+
+def _shrink(node: dict, ckpt_name: str) -> None:
+    kind, inputs = node.get("class_type"), node.get("inputs", {})
+    if kind == "CheckpointLoaderSimple":
+        inputs["ckpt_name"] = ckpt_name
+    elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
+        inputs.update(width=SMALL["size"], height=SMALL["size"], batch_size=1)
+    if kind in ("KSampler", "KSamplerAdvanced") and isinstance(inputs.get("steps"), int):
+        inputs["steps"] = min(inputs["steps"], SMALL["steps"])
+        if kind == "KSamplerAdvanced" and isinstance(inputs.get("end_at_step"), int):
+            inputs["end_at_step"] = min(inputs["end_at_step"], inputs["steps"])
+
+
+def _override(graph: dict, key: str, value) -> None:
+    node_id, _, name = key.rpartition(".") if "." in key else ("", "", key)
+    for nid, node in graph.items():
+        inputs = node.get("inputs", {})
+        if (node_id and nid != node_id) or name not in inputs or _is_link(inputs[name]):
+            continue
+        if isinstance(value, dict):  # {old value: new value}
+            inputs[name] = value.get(inputs[name], inputs[name])
+        else:
+            inputs[name] = value
+
+
+def load_api_example(name: str, ckpt_name: str, **overrides) -> dict:
+    """example_workflows/api/<name>.json, made cheap for the tiny checkpoint: CheckpointLoaderSimple loads
+    ``ckpt_name``, EmptyLatentImage is 64x64 batch 1, KSampler steps at most 3. Then ``overrides``: ``input=value``
+    sets that literal input on every node that has it (e.g. ``lora_name="a.safetensors"``); a dict value maps
+    old values to new (``lora_name={"content.safetensors": "a.safetensors"}``); ``**{"12.strength": 0.5}`` sets
+    one node's input."""
+    path = API_EXAMPLES / (name if name.endswith(".json") else f"{name}.json")
+    graph = json.loads(path.read_text())
+    if isinstance(graph.get("prompt"), dict):  # {"prompt": {...}} as posted to /prompt
+        graph = graph["prompt"]
+    for node in graph.values():
+        _shrink(node, ckpt_name)
+    for key, value in overrides.items():
+        _override(graph, key, value)
+    return graph
+
+
+def read_latent(path: Path | str):
+    """The tensor a SaveLatent file holds (B, 4, h, w)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["latent_tensor"]
+
+
+def read_image(path: Path | str):
+    """Pixels of a saved PNG as a uint8 numpy array (H, W, C); PNG metadata (the prompt) is ignored."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).copy()

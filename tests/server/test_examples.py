@@ -1,0 +1,160 @@
+"""The shipped API-format examples run on a real server (tiny checkpoint); apply examples render exactly like
+the stock LoraLoaderModelOnly path on kohya files holding the same blocks at the same strengths."""
+from __future__ import annotations
+
+import copy
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from blora_testkit.loras import ROLE_BLOCKS, attention_shapes, make_pairs, only_blocks, write_kohya, write_original
+from blora_testkit.workflows import (api_example_names, load_api_example, message_types, read_image, read_latent,
+                                     stock_graph)
+
+EXTRA_BLOCK = "output_blocks.2.1"  # in every test B-LoRA: a block no role may apply
+BLOCK_WEIGHTS = {"content": 0.7, "style": -0.4}  # the weights text the block-weights examples get (default 0)
+TRAIN_CHEAP = {"steps": 2, "resolution": 64, "rank": 4, "save_every": 0, "batch_size": 1}
+NO_TWIN = {"KLoRAFuse", "BLoRASchedule", "BLoRATrain", "BLoRAMerge"}  # model paths not expressible by stock nodes
+LATENT_ATOL = 1e-4  # saved latents are ~1e2 in size: 1e-6 relative
+
+
+def _save(server, prefix, seed=0, **kw):
+    pid, msgs = server.run(stock_graph(server.ckpt_name, seed=seed, prefix=prefix, **kw), timeout=120)
+    files = server.output_files(pid)
+    return pid, msgs, next(f for f in files if f.suffix == ".latent"), next(f for f in files if f.suffix == ".png")
+
+
+def test_stock_txt2img_on_tiny_checkpoint(server):
+    pid, msgs, latent_file, image_file = _save(server, "stock")
+    types = message_types(msgs)
+    assert types[0] == "execution_start" and "execution_success" in types and "execution_error" not in types
+    progress = [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"]["node"] == "5"]
+    assert progress[-1] == 3, progress
+    assert {"7", "8"} <= {m["data"]["node"] for m in msgs if m["type"] == "executed"}
+    assert server.history(pid)["status"]["status_str"] == "success"
+    latent, image = read_latent(latent_file), read_image(image_file)
+    assert latent.shape == (1, 4, 8, 8) and torch.isfinite(latent).all()
+    assert image.shape == (64, 64, 3) and image.std() > 1.0
+    log = server.log_text()
+    assert "clip missing" not in log and "Could not detect model type" not in log, server.log_tail()
+
+
+def test_tiny_checkpoint_prompt_and_seed_matter(server):
+    base = read_latent(_save(server, "base")[2])
+    other_prompt = read_latent(_save(server, "prompt", positive="an oil painting of a dog")[2])
+    other_seed = read_latent(_save(server, "seed", seed=1)[2])
+    assert (base - other_prompt).abs().max() > 1e-3  # the tiny text encoders load and condition the UNet
+    assert (base - other_seed).abs().max() > 1e-1
+
+
+# -- examples ------------------------------------------------------------------------------------------------
+def _seed(*parts) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def _write_png(path, seed):
+    from PIL import Image
+
+    gen = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, 64, dtype=np.float32)
+    pixels = np.stack([ramp[None, :].repeat(64, 0), ramp[:, None].repeat(64, 1), gen.uniform(0, 255, (64, 64))], -1)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+
+
+def prepare(server, name: str):
+    """The example on the tiny checkpoint, with test files behind every loader; {loader id: pairs}."""
+    graph = load_api_example(name, server.ckpt_name)
+    shapes = attention_shapes(server.models_dir / "checkpoints" / server.ckpt_name)
+    loras, pairs = server.models_dir / "loras", {}
+    for nid, node in sorted(graph.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind in ("BLoRALoader", "LoraLoader", "LoraLoaderModelOnly") and isinstance(inputs.get("lora_name"), str):
+            pairs[nid] = make_pairs(shapes, [*ROLE_BLOCKS.values(), EXTRA_BLOCK], seed=_seed(name, nid))
+            writer = write_original if kind == "BLoRALoader" else write_kohya
+            inputs["lora_name"] = writer(loras / f"{name}_{nid}.safetensors", pairs[nid]).name
+        elif kind == "LoadImage":
+            _write_png(server.input_dir / f"{name}_{nid}.png", _seed(name, nid))
+            inputs["image"] = f"{name}_{nid}.png"
+        elif kind == "BLoRATrain":
+            inputs.update({k: v for k, v in TRAIN_CHEAP.items() if k in inputs})
+        elif kind == "BLoRABlockWeights":
+            inputs["weights"] = "default=0\n" + "\n".join(f"{r}={s}" for r, s in BLOCK_WEIGHTS.items())
+    for nid, node in list(graph.items()):  # every sampled latent is saved, to compare exactly
+        if node["class_type"] in ("KSampler", "KSamplerAdvanced"):
+            graph[f"testkit_latent_{nid}"] = {"class_type": "SaveLatent", "inputs": {
+                "samples": [nid, 0], "filename_prefix": f"latents/{name}_{nid}"}}
+    return graph, pairs
+
+
+def _chain(graph: dict, node_id: str, model_link, loras: list[tuple[str, float]]) -> None:
+    """Replace node ``node_id`` by a chain of stock LoraLoaderModelOnly nodes (the last keeps the id)."""
+    items = loras or [(None, 0.0)]  # nothing connected: an identity (strength 0)
+    for i, (lora, strength) in enumerate(items):
+        nid = node_id if i == len(items) - 1 else f"{node_id}_stock{i}"
+        graph[nid] = {"class_type": "LoraLoaderModelOnly",
+                      "inputs": {"model": model_link, "lora_name": lora, "strength_model": strength}}
+        model_link = [nid, 0]
+
+
+def stock_twin(server, name: str, graph: dict, pairs: dict):
+    """(twin, base): the graph with every Apply / Block Weights node replaced by stock LoRA loaders on kohya
+    files of the same blocks and strengths, and the same with strengths 0; None when not expressible."""
+    if any(node["class_type"] in NO_TWIN for node in graph.values()):
+        return None
+    twin, base, loras, seen = copy.deepcopy(graph), copy.deepcopy(graph), server.models_dir / "loras", 0
+    for nid, node in graph.items():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "BLoRAApply":
+            links = {r: inputs.get(r) for r in ROLE_BLOCKS if inputs.get(r) is not None}
+            if any(graph[link[0]]["class_type"] != "BLoRALoader" for link in links.values()):
+                return None
+            square = inputs.get("strength_mode", "linear") == "alpha_squared"
+            parts = [(link[0], r, inputs[f"{r}_strength"]) for r, link in links.items()]
+            parts = [(src, r, s * abs(s) if square else s) for src, r, s in parts]
+        elif kind == "BLoRABlockWeights":
+            parts = [(inputs["blora"][0], r, s) for r, s in BLOCK_WEIGHTS.items()]
+        else:
+            continue
+        seen += 1
+        files = [(write_kohya(loras / f"twin_{name}_{src}_{r}.safetensors",
+                              only_blocks(pairs[src], [ROLE_BLOCKS[r]])).name, s) for src, r, s in parts]
+        _chain(twin, nid, inputs["model"], files)
+        _chain(base, nid, inputs["model"], [(f, 0.0) for f, _ in files])
+    fallback = write_kohya(loras / "twin_empty.safetensors", {}).name
+    for g in (twin, base):
+        for node in g.values():
+            if node["class_type"] == "LoraLoaderModelOnly" and node["inputs"]["lora_name"] is None:
+                node["inputs"]["lora_name"] = fallback
+    return (twin, base) if seen else None
+
+
+def _results(server, pid: str) -> dict:
+    out = {}
+    for nid, files in server.outputs_by_node(pid).items():
+        for i, f in enumerate(sorted(files)):
+            out[(nid, i)] = read_latent(f) if f.suffix == ".latent" else read_image(f)
+    return out
+
+
+@pytest.mark.parametrize("name", api_example_names())
+def test_example(server, name):
+    graph, pairs = prepare(server, name)
+    pid, msgs = server.run(graph, timeout=240)
+    ours = _results(server, pid)
+    assert ours, f"{name}: no output files{server._tail(30)}"
+    twins = stock_twin(server, name, graph, pairs)
+    if twins is None:
+        return
+    stock = _results(server, server.run(twins[0], timeout=240)[0])
+    base = _results(server, server.run(twins[1], timeout=240)[0])
+    assert stock.keys() == ours.keys()
+    for key, value in ours.items():
+        if isinstance(value, torch.Tensor):
+            diff = (value - stock[key]).abs().max().item()
+            assert diff <= LATENT_ATOL, f"{name} {key}: latent differs from the stock path by {diff}"
+            effect = (value - base[key]).abs().max().item()
+            assert effect > 100 * LATENT_ATOL, f"{name} {key}: the B-LoRA changed the latent by only {effect}"
+        else:
+            assert np.array_equal(value, stock[key]), f"{name} {key}: image differs from the stock path"
