@@ -1,0 +1,172 @@
+"""The pack in the real front end (ComfyUI's frontend package in Debian's chromium): the extensions load without
+console errors, every example workflow opens with all node types and valid widget values, the training example
+runs on the tiny checkpoint while the loss chart follows the server's progress events, and the chart survives a
+page reload. Screenshots go to tests/artifacts/ (and the README's to docs/)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ui_kit import (ARTIFACTS, DOCS, EXAMPLES, OUR_EXTENSIONS, PACK_WEB, example_workflows, fit_view, load_workflow,
+                    open_ui, read_workflow, screenshot, set_widgets, unexplained)
+
+TRAIN_EXAMPLE = "train_then_apply"
+TRAIN_STEPS = 8
+# The training example made cheap for the tiny checkpoint, by widget name (node type prefix where it matters).
+TRAIN_OVERRIDES = {
+    "BLoRATrain.steps": TRAIN_STEPS,
+    "BLoRATrain.resolution": 64,
+    "BLoRATrain.preview_every": 4,
+    "EmptyLatentImage.width": 64,
+    "EmptyLatentImage.height": 64,
+    "EmptyLatentImage.batch_size": 1,
+    "KSampler.steps": 2,
+}
+PANELS = {"BLoRATrain": "chart", "BLoRALoader": "blockMap"}
+
+
+def _describe(errors) -> str:
+    return "\n".join(f"{e.kind}: {e.text} @ {e.url}\n{e.stack}" for e in errors)
+
+
+def test_extensions_load_without_console_errors(ui_page, ui_server, baseline):
+    page, log = ui_page
+    names = page.evaluate("app.extensions.map((e) => e.name)")
+    ours = [n for n in names if n.startswith("blora.")]
+    assert sorted(ours) == sorted(OUR_EXTENSIONS), names
+    status, listed = ui_server.request("GET", "/extensions")
+    assert status == 200
+    served = [p for p in listed if p.startswith(PACK_WEB)]
+    assert {p.rsplit("/", 1)[-1] for p in served} >= {"train_chart.js", "block_map.js", "restore_outputs.js"}
+    requests = page.evaluate("performance.getEntriesByType('resource').map((r) => r.name)")
+    assert all(r.startswith(ui_server.url) or r.startswith("blob:") or r.startswith("data:") for r in requests), \
+        [r for r in requests if not r.startswith(ui_server.url)]
+    errors = unexplained(log.entries, baseline)
+    assert not errors, _describe(errors)
+
+
+@pytest.mark.parametrize("path", example_workflows(), ids=lambda p: p.stem)
+def test_example_workflow_opens(ui_page, baseline, path):
+    page, log = ui_page
+    workflow = read_workflow(path)
+    result = load_workflow(page, workflow)
+    assert not result["missing"], f"{path.name}: node types not registered: {result['missing']}"
+    assert not result["invalid"], f"{path.name}: invalid widget values:\n" + "\n".join(result["invalid"])
+    assert len(result["nodes"]) == len(workflow["nodes"])
+    for node in result["nodes"]:
+        if node["type"] in PANELS:
+            assert node[PANELS[node["type"]]], f"{node['type']} #{node['id']} has no {PANELS[node['type']]} panel"
+    fit_view(page)
+    screenshot(page, ARTIFACTS / f"workflow_{path.stem}.png")
+    errors = unexplained(log.entries, baseline)
+    assert not errors, _describe(errors)
+
+
+def test_every_example_has_a_thumbnail(ui_server):
+    """The host's template browser lists each example and loads <name>.jpg next to it; the README uses the
+    PNG of the same name."""
+    names = sorted(p.stem for p in example_workflows())
+    if not names:
+        pytest.skip("no example workflows yet")
+    status, templates = ui_server.request("GET", "/workflow_templates")
+    assert status == 200 and sorted(templates.get("comfyui-blora", [])) == names, templates
+    for name in names:
+        status, _ = ui_server.request("GET", f"/api/workflow_templates/comfyui-blora/{name}.jpg")
+        assert status == 200, f"thumbnail {name}.jpg is not served"
+        png = EXAMPLES / f"{name}.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png} missing or not a PNG"
+
+
+_RECORD_EVENTS = """() => {
+  window.__bloraEvents = [];
+  window.comfyAPI.api.api.addEventListener("blora.train.progress", (e) => window.__bloraEvents.push(e.detail));
+}"""
+
+_CHART_STATE = """() => app.graph.nodes.filter((n) => n.comfyClass === "BLoRATrain").map((n) => ({
+  id: String(n.id), points: n.bloraChart.points.map((p) => p.loss), steps: n.bloraChart.steps,
+  running: n.bloraChart.running, summary: n.bloraChart.summary(),
+  preview: n.bloraChart.preview, elapsed: n.bloraChart.elapsed }))"""
+
+
+def _wait_chart_done(page, steps: int, timeout_ms: int = 150_000):
+    page.wait_for_function("(steps) => app.graph.nodes.some((n) => n.comfyClass === 'BLoRATrain'"
+                           " && n.bloraChart.points.length === steps && !n.bloraChart.running)",
+                           arg=steps, timeout=timeout_ms)
+    return page.evaluate(_CHART_STATE)[0]
+
+
+def _latest_train_output(ui_server, node_id: str) -> dict:
+    status, history = ui_server.request("GET", "/history?max_items=8")
+    assert status == 200
+    runs = sorted(history.values(), key=lambda h: h["prompt"][0], reverse=True)
+    for run in runs:
+        if node_id in run.get("outputs", {}):
+            return {"status": run["status"], **run["outputs"][node_id]}
+    raise AssertionError(f"no finished prompt with outputs for node {node_id}: {list(history)}")
+
+
+def test_train_chart_follows_the_run_and_survives_reload(ui_page, ui_server, baseline):
+    path = next((p for p in example_workflows() if p.stem == TRAIN_EXAMPLE), None)
+    if path is None:
+        pytest.skip(f"example_workflows/{TRAIN_EXAMPLE}.json not there yet")
+    page, log = ui_page
+    result = load_workflow(page, read_workflow(path))
+    assert not result["missing"] and not result["invalid"], result
+    set_widgets(page, {"ckpt_name": ui_server.ckpt_name, **TRAIN_OVERRIDES})
+    steps = page.evaluate("app.graph.nodes.find((n) => n.comfyClass === 'BLoRATrain')"
+                          ".widgets.find((w) => w.name === 'steps').value")
+    assert steps == TRAIN_STEPS
+    page.evaluate(_RECORD_EVENTS)
+    mark = log.mark()
+    page.evaluate("app.queuePrompt(0)")
+    chart = _wait_chart_done(page, steps)
+    events = page.evaluate("window.__bloraEvents")
+    output = _latest_train_output(ui_server, chart["id"])
+    assert output["status"]["status_str"] == "success", output["status"]
+
+    # Live: one progress event per step reached this page and named this node; the chart shows the same losses.
+    assert [e["step"] for e in events] == list(range(1, steps + 1)), events
+    assert {e["node"] for e in events} == {chart["id"]} and {e["steps"] for e in events} == {steps}
+    assert all(isinstance(e["elapsed"], (int, float)) and e["elapsed"] >= 0 for e in events)
+    assert [e["loss"] for e in events] == pytest.approx(output["loss"], rel=1e-6)
+    assert chart["points"] == pytest.approx(output["loss"], rel=1e-6)
+    assert all(math.isfinite(v) for v in chart["points"])
+    assert f"step {steps}/{steps}" in chart["summary"] and "it/s" in chart["summary"]
+    previews = [e["preview"] for e in events if e.get("preview")]
+    if previews:
+        assert chart["preview"] == previews[-1]
+        assert page.evaluate("app.graph.nodes.find((n) => n.comfyClass === 'BLoRATrain')"
+                             ".bloraChartView.image.naturalWidth") > 0
+    fit_view(page)
+    screenshot(page, ARTIFACTS / "train_run.png")
+    _screenshot_train_node(page, DOCS / "train_chart.png")
+    fit_view(page)
+    screenshot(page, DOCS / "apply_graph.png")
+    errors = unexplained(log.since(mark), baseline)
+    assert not errors, _describe(errors)
+
+    # Reload: the front end restores the graph; our extension rebuilds the chart from /history.
+    mark = log.mark()
+    open_ui(page, ui_server.url)
+    restored = _wait_chart_done(page, steps, timeout_ms=30_000)
+    assert restored["id"] == chart["id"] and restored["points"] == pytest.approx(output["loss"], rel=1e-6)
+    screenshot(page, ARTIFACTS / "train_after_reload.png")
+    errors = unexplained(log.since(mark), baseline)
+    assert not errors, _describe(errors)
+
+
+def _screenshot_train_node(page, path):
+    """Zoom onto the Train B-LoRA node and capture it."""
+    box = page.evaluate("""() => {
+      const n = app.graph.nodes.find((n) => n.comfyClass === "BLoRATrain");
+      const t = LiteGraph.NODE_TITLE_HEIGHT;
+      app.canvas.ds.fitToBounds([n.pos[0], n.pos[1] - t, n.size[0], n.size[1] + t], { zoom: 0.9 });
+      app.canvas.setDirty(true, true);
+      const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - t]);
+      const r = app.canvas.canvas.getBoundingClientRect();
+      const s = app.canvas.ds.scale;
+      return { x: r.left + x - 8, y: r.top + y - 8, width: n.size[0] * s + 16, height: (n.size[1] + t) * s + 16 };
+    }""")
+    page.wait_for_timeout(400)
+    return screenshot(page, path, clip=box)

@@ -1,0 +1,227 @@
+"""Driving the real ComfyUI front end with Debian's chromium through the Python ``playwright`` package
+(TEST-ONLY). Used by tests/browser/test_ui.py and tests/browser/make_thumbnails.py.
+
+Nothing here downloads a browser (never ``playwright install``): chromium comes from the system package. The page
+only talks to the loopback ComfyUI server; chromium's own background traffic is switched off by the flags below.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "example_workflows"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+DOCS = ROOT / "docs"
+PACK_WEB = "/extensions/comfyui-blora/"
+OUR_EXTENSIONS = ("blora.train_chart", "blora.block_map", "blora.restore_outputs")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# File-name widgets point at files of the user's install (models, input images); a test server has other files.
+FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".png", ".jpg", ".jpeg", ".webp")
+# User settings written to the server before any page opens: every page load then takes the same path (a fresh
+# user would get the first-run template browser instead of the default graph), and screenshots stay clean (no
+# minimap, no canvas statistics text).
+UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
+
+
+def chromium_path() -> str | None:
+    """$BLORA_CHROMIUM, else `chromium` on PATH, else /usr/bin/chromium."""
+    for candidate in (os.environ.get("BLORA_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def missing_browser_reason() -> str | None:
+    """Why browser tests cannot run here, or None."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "python package `playwright` not installed (pip install -r requirements-test.txt)"
+    if chromium_path() is None:
+        return "no chromium binary (apt-get install chromium, or set BLORA_CHROMIUM)"
+    return None
+
+
+def example_workflows() -> list[Path]:
+    """The shipped UI-format examples (example_workflows/*.json; API twins live in example_workflows/api/)."""
+    return sorted(EXAMPLES.glob("*.json"))
+
+
+def launch(playwright):
+    return playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+
+
+@dataclass(frozen=True)
+class ConsoleError:
+    kind: str  # "console" (console.error, failed resource loads) or "pageerror" (uncaught exception)
+    text: str
+    url: str  # where it came from: the script or the resource
+    stack: str = ""
+
+    @property
+    def signature(self) -> tuple[str, str, str]:
+        """Identity across page loads: kind, first line, source URL without query."""
+        return self.kind, self.text.splitlines()[0] if self.text else "", self.url.split("?")[0]
+
+    @property
+    def ours(self) -> bool:
+        """Mentions this pack's web files or names (then it is never excused)."""
+        blob = f"{self.text}\n{self.url}\n{self.stack}"
+        return PACK_WEB in blob or "blora" in blob.lower()
+
+
+@dataclass
+class ConsoleLog:
+    """Every console error and uncaught page error of one page, in order."""
+    entries: list[ConsoleError] = field(default_factory=list)
+
+    def attach(self, page) -> "ConsoleLog":
+        def on_console(msg):
+            if msg.type == "error":
+                loc = msg.location or {}
+                self.entries.append(ConsoleError("console", msg.text, loc.get("url", "")))
+
+        def on_pageerror(err):
+            stack = err.stack or ""
+            first_frame = next((line for line in stack.splitlines() if " at " in line), "")
+            self.entries.append(ConsoleError("pageerror", str(err), first_frame.strip(), stack))
+
+        page.on("console", on_console)
+        page.on("pageerror", on_pageerror)
+        return self
+
+    def mark(self) -> int:
+        return len(self.entries)
+
+    def since(self, mark: int = 0) -> list[ConsoleError]:
+        return self.entries[mark:]
+
+
+def unexplained(errors: list[ConsoleError], baseline: set) -> list[ConsoleError]:
+    """Errors that are ours, or that the same steps did not also raise with this pack's web files replaced by
+    empty modules (the baseline): only errors provably not caused by our JavaScript are excused."""
+    return [e for e in errors if e.ours or e.signature not in baseline]
+
+
+def stub_our_extensions(page) -> None:
+    """Serve every file under /extensions/comfyui-blora/ as an empty ES module (baseline runs)."""
+    page.route(f"**{PACK_WEB}**", lambda route: route.fulfill(status=200, content_type="text/javascript",
+                                                               body="export {};\n"))
+
+
+def open_ui(page, url: str, *, timeout_ms: int = 60_000) -> None:
+    """Load the front end and wait until the app, its graph and the extension manager exist."""
+    page.goto(url)
+    page.wait_for_function("() => !!(window.app && app.graph && app.canvas && app.extensionManager"
+                           " && window.comfyAPI?.api?.api?.clientId)", timeout=timeout_ms)
+    page.wait_for_timeout(500)
+
+
+def new_page(browser, viewport=(1400, 900)):
+    """(context, page, console log) in a fresh browser context. The browser asks for /favicon.ico by itself and
+    ComfyUI has none: that request is answered empty here so its 404 never reaches the console."""
+    context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.route("**/favicon.ico", lambda route: route.fulfill(status=204, body=""))
+    return context, page, ConsoleLog().attach(page)
+
+
+_LOAD_AND_CHECK = """
+async ([wf, fileSuffixes]) => {
+  const types = wf.nodes.map((n) => n.type);
+  const missing = [...new Set(types.filter((t) => !(t in LiteGraph.registered_node_types)))];
+  if (missing.length) return { missing, invalid: [], fileRefs: [], nodes: [] };
+  await app.loadGraphData(structuredClone(wf), true, true, null, { showMissingNodesDialog: false,
+    showMissingModelsDialog: false });
+  const invalid = [];
+  const fileRefs = [];
+  const isFile = (v) => typeof v === "string" && fileSuffixes.some((s) => v.toLowerCase().endsWith(s));
+  const saved = Object.fromEntries(wf.nodes.map((n) => [String(n.id), n.widgets_values]));
+  for (const node of app.graph.nodes) {
+    const widgets = (node.widgets ?? []).filter((w) => w.serialize !== false);
+    const values = saved[String(node.id)];
+    if (Array.isArray(values) && values.length !== widgets.length)
+      invalid.push(`${node.type} #${node.id}: ${values.length} saved widget values, ${widgets.length} widgets`);
+    for (const w of widgets) {
+      const where = `${node.type} #${node.id} ${w.name}`;
+      if (w.type === "combo") {
+        const opts = typeof w.options?.values === "function" ? w.options.values(w, node) : w.options?.values;
+        if (Array.isArray(opts) && !opts.includes(w.value)) {
+          if (isFile(w.value)) fileRefs.push(`${where} = ${w.value}`);
+          else invalid.push(`${where} = ${JSON.stringify(w.value)} not in [${opts.join(", ")}]`);
+        }
+      } else if (w.type === "number" || w.type === "slider") {
+        const { min, max } = w.options ?? {};
+        if (typeof w.value !== "number" || Number.isNaN(w.value) || (min != null && w.value < min)
+            || (max != null && w.value > max))
+          invalid.push(`${where} = ${JSON.stringify(w.value)} outside [${min}, ${max}]`);
+      } else if (w.type === "toggle" && typeof w.value !== "boolean") {
+        invalid.push(`${where} = ${JSON.stringify(w.value)} is not a boolean`);
+      }
+    }
+  }
+  const nodes = app.graph.nodes.map((n) => ({ id: n.id, type: n.type, chart: !!n.bloraChart,
+    blockMap: !!n.bloraBlockMapView }));
+  return { missing, invalid, fileRefs, nodes };
+}
+"""
+
+
+def load_workflow(page, workflow: dict) -> dict:
+    """Open a UI-format workflow with app.loadGraphData; returns {missing: node types not registered,
+    invalid: widget problems, fileRefs: file-name combo values this server lacks, nodes: [{id, type, chart,
+    blockMap}]}. Nothing is loaded when types are missing (the host would show its dialog)."""
+    result = page.evaluate(_LOAD_AND_CHECK, [workflow, list(FILE_SUFFIXES)])
+    page.wait_for_timeout(300)
+    return result
+
+
+def set_widgets(page, overrides: dict) -> list[str]:
+    """Set widget values by name, never by index: keys ``"widget"`` (every node that has it) or
+    ``"NodeType.widget"``; returns the "type #id widget" entries changed."""
+    return page.evaluate("""(overrides) => {
+      const changed = [];
+      for (const node of app.graph.nodes) for (const w of node.widgets ?? []) {
+        for (const key of [`${node.type}.${w.name}`, w.name]) {
+          if (!(key in overrides)) continue;
+          w.value = overrides[key];
+          w.callback?.(w.value, app.canvas, node);
+          changed.push(`${node.type} #${node.id} ${w.name}`);
+          break;
+        }
+      }
+      app.graph.setDirtyCanvas(true, true);
+      return changed;
+    }""", overrides)
+
+
+def fit_view(page, margin: float = 0.92) -> None:
+    """Zoom and pan so every node is visible, then redraw."""
+    page.evaluate("""(margin) => {
+      const nodes = app.graph.nodes;
+      if (!nodes.length) return;
+      const title = LiteGraph.NODE_TITLE_HEIGHT;
+      const x0 = Math.min(...nodes.map((n) => n.pos[0]));
+      const y0 = Math.min(...nodes.map((n) => n.pos[1] - title));
+      const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
+      const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+      app.canvas.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], { zoom: margin });
+      app.canvas.setDirty(true, true);
+    }""", margin)
+    page.wait_for_timeout(400)
+
+
+def screenshot(page, path: Path, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), **kwargs)
+    return path
+
+
+def read_workflow(path: Path) -> dict:
+    return json.loads(path.read_text())
