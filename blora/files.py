@@ -142,6 +142,7 @@ def write_adapter(adapter: Adapter, folder: str | os.PathLike, filename: str, di
     float32). Metadata: the source's, ``blora.format`` / roles / blocks / rank / alpha / dialect / trigger /
     sources, then ``metadata``. Refuses (AdapterFileError naming the target and module, nothing written) an
     adapter whose tensors or delta are not finite, e.g. after an fp16 overflow."""
+    safe_path(folder, filename)  # the name as given: "..", "" or "sub/" must not pass once the suffix is added
     name = filename if filename.lower().endswith(SUFFIX) else filename + SUFFIX
     target = safe_path(folder, name)
     if dtype is not None:
