@@ -80,15 +80,7 @@ def to_canonical(state_dict: Mapping[str, torch.Tensor], source: str = "",
         dialect = detect_dialect(state_dict.keys())
     except BLoRAError as e:
         raise AdapterFileError(where, str(e)) from None
-    groups: dict[str, dict[str, _Part]] = {}
-    unmapped: list[str] = []
-    for key, tensor in state_dict.items():
-        split = split_key(key)
-        if split is None:
-            unmapped.append(key)
-            continue
-        module, kind, name = split
-        groups.setdefault(module, {})[name] = _Part(key, kind, name, tensor)
+    groups, unmapped = _group(state_dict)
     alpha_of = _peft_alphas(metadata, where)
     modules: dict[str, ModuleAdapter] = {}
     first_key: dict[str, str] = {}
@@ -108,6 +100,20 @@ def to_canonical(state_dict: Mapping[str, torch.Tensor], source: str = "",
                                       f"(e.g. {sorted(unmapped)[:2]}): a LoRA for another architecture?")
     return Adapter(modules=modules, source=source, dialect=dialect, metadata=metadata,
                    unmapped=tuple(sorted(unmapped)), trigger=trigger_of(metadata))
+
+
+def _group(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, _Part]], list[str]]:
+    """Keys grouped by module name (tensor name -> part), and the keys with a suffix no dialect uses."""
+    groups: dict[str, dict[str, _Part]] = {}
+    unknown: list[str] = []
+    for key, tensor in state_dict.items():
+        split = split_key(key)
+        if split is None:
+            unknown.append(key)
+            continue
+        module, kind, name = split
+        groups.setdefault(module, {})[name] = _Part(key, kind, name, tensor)
+    return groups, unknown
 
 
 def _build(parts: Mapping[str, _Part], where: str, target: tuple[str, str],

@@ -308,3 +308,30 @@ def test_nothing_sdxl_at_all_is_an_error():
           "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.ones(2, 1)}
     with pytest.raises(AdapterFileError, match="another architecture"):
         to_canonical(sd, "sd15.safetensors")
+
+
+def test_wrapped_and_simpletuner_prefixes():
+    down, up = torch.randn(2, 128), torch.randn(128, 2)
+    path = "output_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    for name, dialect in (("base_model.model.unet.up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q", "peft"),
+                          ("lycoris_up_blocks_0_attentions_1_transformer_blocks_0_attn1_to_q", "kohya_diffusers")):
+        sfx = (".lora_A.weight", ".lora_B.weight") if dialect == "peft" else (".lora_down.weight", ".lora_up.weight")
+        adapter = to_canonical({name + sfx[0]: down, name + sfx[1]: up})
+        assert adapter.dialect == dialect and list(adapter.modules) == [path]
+
+
+CONV = {"output_blocks.1.0.in_layers.2": ModuleAdapter("lora", {"down": torch.randn(2, 16, 3, 3),
+                                                                "up": torch.randn(8, 2, 1, 1)}, alpha=1.0),
+        "te2:text_model.encoder.layers.5.self_attn.v_proj": ModuleAdapter("lora", {"down": torch.randn(2, 8),
+                                                                                  "up": torch.randn(8, 2)}, 4.0),
+        "te1:text_model.encoder.layers.0.mlp.fc1": ModuleAdapter("lora", {"down": torch.randn(2, 8),
+                                                                          "up": torch.randn(32, 2)})}
+
+
+@pytest.mark.parametrize("dialect", WRITERS)
+def test_conv_resnet_and_text_encoder_modules_round_trip(dialect):
+    a = Adapter(modules=CONV)
+    b = to_canonical(from_canonical(a, dialect))
+    assert set(b.modules) == set(CONV)
+    for path, m in CONV.items():
+        assert _close(delta_weight(b.modules[path]), delta_weight(m)), path
