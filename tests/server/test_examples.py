@@ -3,6 +3,7 @@ the stock LoraLoaderModelOnly path on kohya files holding the same blocks at the
 from __future__ import annotations
 
 import copy
+import time
 import zlib
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from blora_testkit.loras import ROLE_BLOCKS, attention_shapes, make_pairs, only_blocks, write_kohya, write_original
+from blora_testkit.ws_listener import WsListener
 from blora_testkit.workflows import (api_example_names, load_api_example, message_types, read_image, read_latent,
                                      stock_graph)
 
@@ -47,6 +49,31 @@ def test_tiny_checkpoint_prompt_and_seed_matter(server):
     other_seed = read_latent(_save(server, "seed", seed=1)[2])
     assert (base - other_prompt).abs().max() > 1e-3  # the tiny text encoders load and condition the UNet
     assert (base - other_seed).abs().max() > 1e-1
+
+
+def test_interrupt_stops_a_running_prompt(server):
+    pid = server.queue(stock_graph(server.ckpt_name, seed=5, steps=200, prefix="interrupted"))
+    deadline = time.monotonic() + 60
+    while "progress" not in message_types(server.messages(pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.interrupt()
+    types = message_types(server.wait(pid, timeout=60))
+    assert "execution_interrupted" in types and "execution_success" not in types, types
+    steps = [m["data"]["value"] for m in server.messages(pid) if m["type"] == "progress"]
+    assert max(steps) < 200
+    assert server.history(pid)["status"]["status_str"] == "error"
+
+
+def test_listener_attributes_custom_events_to_the_running_prompt():
+    listener = WsListener("ws://unused")
+    for msg in ({"type": "status", "data": {"status": {}}}, {"type": "execution_start", "data": {"prompt_id": "a"}},
+                {"type": "blora.train.progress", "data": {"step": 1}}, {"type": "executing", "data": {
+                    "node": None, "prompt_id": "a"}}, {"type": "blora.train.progress", "data": {"step": 9}}):
+        listener.add(msg)
+    assert message_types(listener.wait("a", 1.0, alive=lambda: True)) == [
+        "execution_start", "blora.train.progress", "executing"]
+    with pytest.raises(TimeoutError):
+        listener.wait("b", 0.2, alive=lambda: True)
 
 
 # -- examples ------------------------------------------------------------------------------------------------
