@@ -1,0 +1,201 @@
+"""Weights that change over the sampling steps, in the host: strength schedules and K-LoRA.
+
+Mechanism (host APIs present in ComfyUI 0.3.64 and later):
+
+- ``ProgressTracker``: one per patched clone. A keyed ``APPLY_MODEL`` wrapper (``add_wrapper_with_key``, composes
+  with other packs' wrappers) reads the current sigma (``transformer_options["sigmas"]``) and the run's full sigma
+  schedule (``transformer_options["sample_sigmas"]``, set by the sampler for every run, any sampler, batched or
+  unbatched CFG) and turns them into the sampling progress (``blora.schedule.sampling_progress``: step i of n is
+  i/(n-1)). Its signals (a schedule's strength, K-LoRA's time scale S(p)) are evaluated once per model call.
+- Per-layer weight functions (``add_weight_wrapper``; the host runs them in ``comfy.ops`` on the layer's weight
+  as cast for the forward) add a precomputed delta: ``ScaledDelta`` W + s(p)·D, ``SwitchedDelta`` W + ΔW_c or ΔW_s.
+  Deltas are computed once, with the host's own ``comfy.lora.calculate_weight`` (so DoRA and every adapter kind
+  behave as in an ordinary patch), kept in the weight dtype on the offload device, moved with the model
+  (``move_to``) and moved back when it is detached (an ``ON_DETACH`` callback).
+- Only the scheduled / fused layers get a weight function; everything else is an ordinary patch or untouched.
+  State lives in the objects registered on the clone (no module or class state); a new run (a new sigma
+  schedule) resets it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from functools import partial
+from typing import Callable, Mapping, Sequence
+
+import comfy.lora
+import comfy.patcher_extension
+import torch
+
+from ..adapter import Adapter
+from ..errors import ArchitectureError
+from ..fusion import FusionPlan, plan_fusion, time_scale
+from ..schedule import Schedule, is_constant, sampling_progress, strength_at
+from ..weights import role_parts
+from .patch import patched_clone
+
+log = logging.getLogger(__name__)
+
+WRAPPER_KEY = "blora.dynamic"
+KLORA_SIGNAL = "klora.scale"
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class ProgressTracker:
+    """Sampling progress of the model call in flight, and the values of named signals (functions of progress)
+    at it. Registered on a clone as its APPLY_MODEL wrapper."""
+
+    def __init__(self, signals: Mapping[str, Callable[[float], float]]):
+        self.signals = dict(signals)
+        self._run: object = None  # the sample_sigmas tensor of the run seen last
+        self._sigmas: tuple[float, ...] = ()
+        self.progress = 0.0
+        self.values = {name: fn(0.0) for name, fn in self.signals.items()}
+
+    def update(self, sigma: float, sample_sigmas) -> None:
+        if sample_sigmas is not self._run:  # a new run: read its schedule once
+            self._run = sample_sigmas
+            self._sigmas = tuple(float(s) for s in sample_sigmas.tolist()) if sample_sigmas is not None else ()
+        self.progress = sampling_progress(sigma, self._sigmas) if self._sigmas else 0.0
+        self.values = {name: fn(self.progress) for name, fn in self.signals.items()}
+
+    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                    **kwargs):
+        options = transformer_options if transformer_options is not None else {}
+        sigma = options.get("sigmas", t)
+        self.update(float(sigma.max()) if torch.is_tensor(sigma) else float(sigma), options.get("sample_sigmas"))
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+
+class _DeltaFunction:
+    """Base of the weight functions: holds the deltas, casts them to the weight's device and dtype once."""
+
+    def __init__(self, tracker: ProgressTracker, signal: str, deltas: Sequence[torch.Tensor]):
+        self.tracker, self.signal, self.deltas = tracker, signal, list(deltas)
+        self._cast: tuple[tuple, list[torch.Tensor]] | None = None
+
+    def _for(self, weight: torch.Tensor) -> list[torch.Tensor]:
+        key = (weight.device, weight.dtype)
+        if self._cast is None or self._cast[0] != key:
+            self._cast = key, [d.to(device=weight.device, dtype=weight.dtype) for d in self.deltas]
+        return self._cast[1]
+
+    def move_to(self, device=None) -> int:
+        if device is not None:
+            self.deltas = [d.to(device) for d in self.deltas]
+            self._cast = None
+        return sum(d.numel() * d.element_size() for d in self.deltas)
+
+
+class ScaledDelta(_DeltaFunction):
+    """W + s·D, s the tracker's signal (a schedule's strength) at the current progress."""
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        s = self.tracker.values[self.signal]
+        return weight if s == 0.0 else weight + s * self._for(weight)[0]
+
+
+class SwitchedDelta(_DeltaFunction):
+    """W + ΔW_c while the signal (K-LoRA's S(p)) is below the layer's threshold, else W + ΔW_s."""
+
+    def __init__(self, tracker: ProgressTracker, signal: str, threshold: float, content: torch.Tensor,
+                 style: torch.Tensor):
+        super().__init__(tracker, signal, [content, style])
+        self.threshold = threshold
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        content, style = self._for(weight)
+        return weight + (content if self.tracker.values[self.signal] < self.threshold else style)
+
+
+def _weight_key(path: str) -> str:
+    return f"diffusion_model.{path}.weight"
+
+
+def _delta_dtype(model, base: torch.Tensor) -> torch.dtype:
+    cast = getattr(model.model, "manual_cast_dtype", None)
+    return cast if cast is not None else (base.dtype if base.dtype in _FLOATS else torch.float16)
+
+
+def host_deltas(model, adapter: Adapter) -> dict[str, torch.Tensor]:
+    """path -> (host-patched weight at strength 1) − W for each UNet module of ``adapter``, computed with the
+    host's calculate_weight on the unpatched weight; in the weight (compute) dtype, on the offload device."""
+    probe = patched_clone(model, [(adapter, 1.0)])
+    originals = model.get_key_patches("diffusion_model.")
+    out = {}
+    for path in adapter.modules:
+        key = _weight_key(path)
+        new = probe.patches.get(key, [])[len(model.patches.get(key, [])):]
+        if path.startswith("te") or not new:
+            continue
+        base, convert = originals[key][0]
+        w = convert(base.to(torch.float32, copy=True), inplace=True)
+        patched = comfy.lora.calculate_weight(new, w.clone(), key, intermediate_dtype=torch.float32)
+        out[path] = (patched - w).to(device=model.offload_device, dtype=_delta_dtype(model, base))
+    return out
+
+
+def _attach(model, tracker: ProgressTracker, functions: Mapping[str, _DeltaFunction]):
+    """Register the tracker and the per-layer functions on ``model`` (a clone) and return it."""
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, tracker.apply_model)
+    offload = model.offload_device
+    model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, WRAPPER_KEY,
+                                lambda patcher, unpatch_all: [f.move_to(offload) for f in functions.values()])
+    for path, fn in functions.items():
+        model.add_weight_wrapper(_weight_key(path), fn)
+    return model
+
+
+def scheduled_clone(model, roles: Mapping[str, tuple[Adapter | None, Schedule]]):
+    """A clone of ``model`` with each role's block from its adapter at the strength its schedule gives at the
+    current sampling progress. Constant schedules are ordinary patches (exactly Apply B-LoRA's); the others get a
+    weight function per layer: W + s(p)·D."""
+    constant = {r: (a, sch[0].strength) for r, (a, sch) in roles.items() if a is not None and is_constant(sch)}
+    dynamic = {r: (a, sch) for r, (a, sch) in roles.items() if a is not None and not is_constant(sch)}
+    out = patched_clone(model, role_parts(constant))
+    if not dynamic:
+        return out
+    tracker = ProgressTracker({role: partial(strength_at, sch) for role, (_, sch) in dynamic.items()})
+    functions = {}
+    for role, (adapter, _) in dynamic.items():
+        (part, _), = role_parts({role: (adapter, 1.0)})
+        for path, delta in host_deltas(model, part).items():
+            functions[path] = ScaledDelta(tracker, role, [delta])
+    log.info("B-LoRA schedule: %d layers follow a schedule (%s)", len(functions), ", ".join(dynamic))
+    return _attach(out, tracker, functions)
+
+
+def _unet_only(adapter: Adapter, paths) -> Adapter:
+    return replace(adapter, modules={p: adapter.modules[p] for p in paths})
+
+
+def _check_pair(subject: Adapter, style: Adapter) -> None:
+    for path in subject.modules.keys() & style.modules.keys():
+        a, b = subject.modules[path].out_in, style.modules[path].out_in
+        if a != b:
+            raise ArchitectureError(f"K-LoRA: module {path!r} is {a} in the subject LoRA ({subject.source or '?'}) "
+                                    f"but {b} in the style LoRA ({style.source or '?'}): LoRAs for different models")
+
+
+def fused_clone(model, subject: Adapter, style: Adapter, subject_strength: float, style_strength: float,
+                pattern: str = "s") -> tuple[object, FusionPlan]:
+    """A clone of ``model`` with K-LoRA fusion of ``subject`` and ``style`` (UNet modules; see blora.fusion).
+    Layers in one LoRA only are ordinary patches; layers in both switch per step between the two deltas."""
+    time_scale(pattern)
+    _check_pair(subject, style)
+    unet_c = [p for p in subject.modules if not p.startswith("te")]
+    unet_s = [p for p in style.modules if not p.startswith("te")]
+    both = [p for p in unet_c if p in style.modules]
+    delta_c = host_deltas(model, _unet_only(subject, both))
+    delta_s = host_deltas(model, _unet_only(style, both))
+    ranks = {p: (subject.modules[p].rank, style.modules[p].rank) for p in both}
+    plan = plan_fusion(delta_c, delta_s, ranks, pattern)
+    singles = [(_unet_only(subject, [p for p in unet_c if p not in style.modules]), subject_strength),
+               (_unet_only(style, [p for p in unet_s if p not in subject.modules]), style_strength)]
+    out = patched_clone(model, [(a, s) for a, s in singles if a.modules])
+    tracker = ProgressTracker({KLORA_SIGNAL: time_scale(pattern)})
+    functions = {p: SwitchedDelta(tracker, KLORA_SIGNAL, layer.threshold, subject_strength * delta_c[p],
+                                  style_strength * delta_s[p]) for p, layer in plan.fused.items()}
+    log.info("K-LoRA (%s): %d fused layers, gamma %.4g, %d subject-only, %d style-only", pattern, len(functions),
+             plan.gamma, len(plan.subject_only), len(plan.style_only))
+    return _attach(out, tracker, functions), plan
