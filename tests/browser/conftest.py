@@ -11,34 +11,15 @@ import pytest
 if str(Path(__file__).parent) not in sys.path:
     sys.path.append(str(Path(__file__).parent))  # `ui_kit`, shared with make_thumbnails.py
 
-from ui_kit import (EXAMPLES, UI_SETTINGS, example_workflows, launch, load_workflow, missing_browser_reason,
-                    new_page, open_ui, read_workflow, stub_our_extensions)
+from ui_kit import (TINY_BLORA, UI_SETTINGS, example_workflows, input_images, launch, load_workflow,
+                    missing_browser_reason, new_page, open_ui, read_workflow, sample_image, stub_our_extensions)
 
 BROWSER_REASON = missing_browser_reason()
 
 
-def _input_images(workflows) -> set[str]:
-    """Image names the examples' LoadImage nodes point at (written into the test server's input/)."""
-    names = set()
-    for path in workflows:
-        for node in read_workflow(path).get("nodes", []):
-            values = node.get("widgets_values")
-            if node.get("type") == "LoadImage" and isinstance(values, list) and values:
-                names.add(str(values[0]))
-    return names
-
-
-def _write_image(path, seed: int) -> None:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(path)
-
-
 @pytest.fixture(scope="session")
 def ui_server():
-    """A ComfyServer with the example workflows' input images in input/ (tiny random PNGs)."""
+    """A ComfyServer with the example workflows' input images in input/ (small synthetic PNGs)."""
     from blora_testkit.server import ComfyServer, find_host
 
     if find_host() is None:
@@ -48,11 +29,19 @@ def ui_server():
     with ComfyServer() as server:
         status, body = server.request("POST", "/settings", UI_SETTINGS)
         assert status == 200, body
-        for i, name in enumerate(sorted(_input_images(example_workflows()))):
-            target = server.input_dir / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _write_image(target, seed=i)
+        for i, name in enumerate(input_images(example_workflows())):
+            sample_image(server.input_dir / name, seed=i)
+        _write_tiny_blora(server)
         yield server
+
+
+def _write_tiny_blora(server) -> None:
+    """A rank-4 content + style B-LoRA for the tiny checkpoint in the original dialect, in models/blora."""
+    from blora_testkit.loras import ROLE_BLOCKS, attention_shapes, make_pairs, write_original
+
+    shapes = attention_shapes(server.models_dir / "checkpoints" / server.ckpt_name)
+    pairs = make_pairs(shapes, [ROLE_BLOCKS["content"], ROLE_BLOCKS["style"]], rank=4, seed=0)
+    write_original(server.models_dir / "blora" / TINY_BLORA, pairs)
 
 
 @pytest.fixture(scope="session")
@@ -88,8 +77,3 @@ def ui_page(browser, ui_server, baseline):
     open_ui(page, ui_server.url)
     yield page, log
     context.close()
-
-
-@pytest.fixture(scope="session")
-def examples_dir():
-    return EXAMPLES

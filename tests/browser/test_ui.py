@@ -8,22 +8,17 @@ import math
 
 import pytest
 
-from ui_kit import (ARTIFACTS, DOCS, EXAMPLES, OUR_EXTENSIONS, PACK_WEB, example_workflows, fit_view, load_workflow,
-                    open_ui, read_workflow, screenshot, set_widgets, unexplained)
+from ui_kit import (ARTIFACTS, DOCS, EXAMPLES, OUR_EXTENSIONS, PACK_WEB, TINY_BLORA, example_workflows, fit_view,
+                    focus_mode, load_workflow, open_ui, read_workflow, screenshot, set_widgets, unexplained)
 
 TRAIN_EXAMPLE = "train_then_apply"
 TRAIN_STEPS = 8
 # The training example made cheap for the tiny checkpoint, by widget name (node type prefix where it matters).
-TRAIN_OVERRIDES = {
-    "BLoRATrain.steps": TRAIN_STEPS,
-    "BLoRATrain.resolution": 64,
-    "BLoRATrain.preview_every": 4,
-    "EmptyLatentImage.width": 64,
-    "EmptyLatentImage.height": 64,
-    "EmptyLatentImage.batch_size": 1,
-    "KSampler.steps": 2,
-}
+TRAIN_OVERRIDES = {"BLoRATrain.steps": TRAIN_STEPS, "BLoRATrain.resolution": 64, "BLoRATrain.preview_every": 4}
 PANELS = {"BLoRATrain": "chart", "BLoRALoader": "blockMap"}
+# Any example graph made cheap for the tiny checkpoint.
+SMALL_GRAPH = {"EmptyLatentImage.width": 64, "EmptyLatentImage.height": 64, "EmptyLatentImage.batch_size": 1,
+               "KSampler.steps": 2}
 
 
 def _describe(errors) -> str:
@@ -53,6 +48,7 @@ def test_example_workflow_opens(ui_page, baseline, path):
     result = load_workflow(page, workflow)
     assert not result["missing"], f"{path.name}: node types not registered: {result['missing']}"
     assert not result["invalid"], f"{path.name}: invalid widget values:\n" + "\n".join(result["invalid"])
+    assert not result["alerts"], f"{path.name}: the front end complained: {result['alerts']}"
     assert len(result["nodes"]) == len(workflow["nodes"])
     for node in result["nodes"]:
         if node["type"] in PANELS:
@@ -112,8 +108,8 @@ def test_train_chart_follows_the_run_and_survives_reload(ui_page, ui_server, bas
         pytest.skip(f"example_workflows/{TRAIN_EXAMPLE}.json not there yet")
     page, log = ui_page
     result = load_workflow(page, read_workflow(path))
-    assert not result["missing"] and not result["invalid"], result
-    set_widgets(page, {"ckpt_name": ui_server.ckpt_name, **TRAIN_OVERRIDES})
+    assert not (result["missing"] or result["invalid"] or result["alerts"]), result
+    set_widgets(page, {"ckpt_name": ui_server.ckpt_name, **SMALL_GRAPH, **TRAIN_OVERRIDES})
     steps = page.evaluate("app.graph.nodes.find((n) => n.comfyClass === 'BLoRATrain')"
                           ".widgets.find((w) => w.name === 'steps').value")
     assert steps == TRAIN_STEPS
@@ -140,9 +136,9 @@ def test_train_chart_follows_the_run_and_survives_reload(ui_page, ui_server, bas
                              ".bloraChartView.image.naturalWidth") > 0
     fit_view(page)
     screenshot(page, ARTIFACTS / "train_run.png")
+    focus_mode(page)
     _screenshot_train_node(page, DOCS / "train_chart.png")
-    fit_view(page)
-    screenshot(page, DOCS / "apply_graph.png")
+    focus_mode(page, False)
     errors = unexplained(log.since(mark), baseline)
     assert not errors, _describe(errors)
 
@@ -170,3 +166,51 @@ def _screenshot_train_node(page, path):
     }""")
     page.wait_for_timeout(400)
     return screenshot(page, path, clip=box)
+
+
+def _wait_queue_empty(ui_server, timeout_s: float = 120.0) -> dict:
+    """Poll /queue until nothing runs or waits; the newest /history entry."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, queue = ui_server.request("GET", "/queue")
+        if status == 200 and not queue["queue_running"] and not queue["queue_pending"]:
+            _, history = ui_server.request("GET", "/history?max_items=1")
+            return next(iter(history.values()))
+        time.sleep(0.25)
+    raise AssertionError(f"queue not empty after {timeout_s} s{ui_server._tail(40)}")
+
+
+def test_block_map_after_apply_run(ui_page, ui_server, baseline):
+    """An example with Load B-LoRA, pointed at a tiny content + style B-LoRA, runs from the page; each loader
+    then shows the file's blocks (OUT0 content, OUT1 style), rank and dialect."""
+    path = next((p for p in example_workflows()
+                 if any(n["type"] == "BLoRALoader" for n in read_workflow(p)["nodes"])
+                 and not any(n["type"] == "BLoRATrain" for n in read_workflow(p)["nodes"])), None)
+    if path is None:
+        pytest.skip("no example workflow with Load B-LoRA yet")
+    page, log = ui_page
+    result = load_workflow(page, read_workflow(path))
+    assert not (result["missing"] or result["invalid"] or result["alerts"]), result
+    set_widgets(page, {"ckpt_name": ui_server.ckpt_name, "BLoRALoader.lora_name": TINY_BLORA, **SMALL_GRAPH})
+    mark = log.mark()
+    page.evaluate("app.queuePrompt(0)")
+    page.wait_for_function("() => app.graph.nodes.filter((n) => n.comfyClass === 'BLoRALoader')"
+                           ".every((n) => n.bloraBlockMap)", timeout=120_000)
+    run = _wait_queue_empty(ui_server)
+    assert run["status"]["status_str"] == "success", run["status"]
+    maps = page.evaluate("""() => app.graph.nodes.filter((n) => n.comfyClass === "BLoRALoader").map((n) => ({
+      present: n.bloraBlockMap.present, line: n.bloraBlockMapView.line.textContent,
+      filled: [...n.bloraBlockMapView.cells].filter(([, c]) => c.style.fontWeight === "bold").map(([s]) => s) }))""")
+    for m in maps:
+        assert m["present"] == ["OUT0", "OUT1"] and m["filled"] == ["OUT0", "OUT1"], m
+        assert m["line"].startswith("rank 4 ·") and "no alpha" in m["line"], m
+    fit_view(page)
+    screenshot(page, ARTIFACTS / f"apply_run_{path.stem}.png")
+    focus_mode(page)
+    fit_view(page)
+    screenshot(page, DOCS / "apply_graph.png")
+    focus_mode(page, False)
+    errors = unexplained(log.since(mark), baseline)
+    assert not errors, _describe(errors)

@@ -17,6 +17,7 @@ EXAMPLES = ROOT / "example_workflows"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 DOCS = ROOT / "docs"
 PACK_WEB = "/extensions/comfyui-blora/"
+TINY_BLORA = "tiny_blora.safetensors"  # written into the test server's models/blora by conftest
 OUR_EXTENSIONS = ("blora.train_chart", "blora.block_map", "blora.restore_outputs")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -24,8 +25,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".png", ".jpg", ".jpeg", ".webp")
 # User settings written to the server before any page opens: every page load then takes the same path (a fresh
 # user would get the first-run template browser instead of the default graph), and screenshots stay clean (no
-# minimap, no canvas statistics text).
-UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
+# minimap, no canvas statistics text or canvas menu, no node source badges, workflow tabs in the side bar which
+# focus mode hides).
+UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
+               "Comfy.Graph.CanvasMenu": False, "Comfy.NodeBadge.NodeSourceBadgeMode": "None",
+               "Comfy.Workflow.WorkflowTabsPosition": "Sidebar"}
 
 
 def chromium_path() -> str | None:
@@ -134,9 +138,11 @@ def new_page(browser, viewport=(1400, 900)):
 
 _LOAD_AND_CHECK = """
 async ([wf, fileSuffixes]) => {
+  const toasts = () => [...document.querySelectorAll(".p-toast-message")].map((e) => e.innerText.trim());
+  const before = new Set(toasts());
   const types = wf.nodes.map((n) => n.type);
   const missing = [...new Set(types.filter((t) => !(t in LiteGraph.registered_node_types)))];
-  if (missing.length) return { missing, invalid: [], fileRefs: [], nodes: [] };
+  if (missing.length) return { missing, invalid: [], fileRefs: [], nodes: [], alerts: [] };
   await app.loadGraphData(structuredClone(wf), true, true, null, { showMissingNodesDialog: false,
     showMissingModelsDialog: false });
   const invalid = [];
@@ -168,7 +174,9 @@ async ([wf, fileSuffixes]) => {
   }
   const nodes = app.graph.nodes.map((n) => ({ id: n.id, type: n.type, chart: !!n.bloraChart,
     blockMap: !!n.bloraBlockMapView }));
-  return { missing, invalid, fileRefs, nodes };
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  const alerts = toasts().filter((t) => !before.has(t));  // e.g. the host's schema validation alert
+  return { missing, invalid, fileRefs, nodes, alerts };
 }
 """
 
@@ -176,7 +184,8 @@ async ([wf, fileSuffixes]) => {
 def load_workflow(page, workflow: dict) -> dict:
     """Open a UI-format workflow with app.loadGraphData; returns {missing: node types not registered,
     invalid: widget problems, fileRefs: file-name combo values this server lacks, nodes: [{id, type, chart,
-    blockMap}]}. Nothing is loaded when types are missing (the host would show its dialog)."""
+    blockMap}], alerts: toasts the host raised while loading (schema validation...)}. Nothing is loaded when
+    types are missing (the host would show its dialog)."""
     result = page.evaluate(_LOAD_AND_CHECK, [workflow, list(FILE_SUFFIXES)])
     page.wait_for_timeout(300)
     return result
@@ -201,6 +210,12 @@ def set_widgets(page, overrides: dict) -> list[str]:
     }""", overrides)
 
 
+def focus_mode(page, on: bool = True) -> None:
+    """The host's focus mode: menus and side bars hidden, the canvas fills the window."""
+    page.evaluate("(on) => { app.extensionManager.focusMode = on; }", on)
+    page.wait_for_timeout(400)
+
+
 def fit_view(page, margin: float = 0.92) -> None:
     """Zoom and pan so every node is visible, then redraw."""
     page.evaluate("""(margin) => {
@@ -221,6 +236,38 @@ def screenshot(page, path: Path, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(path), **kwargs)
     return path
+
+
+def sample_image(path: Path, seed: int, size: int = 96) -> Path:
+    """A small synthetic picture (sky-to-ground gradient, a sun, a hill; colours from ``seed``) for the
+    examples' LoadImage nodes: nicer in screenshots than noise, and still a real RGB PNG to train on."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    top, bottom, sun, hill = (tuple(int(c) for c in rng.integers(40, 230, 3)) for _ in range(4))
+    ramp = np.linspace(0.0, 1.0, size)[:, None, None]
+    pixels = (np.array(top) * (1 - ramp) + np.array(bottom) * ramp).repeat(size, axis=1)
+    image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    r = size // 6
+    cx, cy = int(rng.integers(r, size - r)), int(rng.integers(r, size // 2))
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=sun)
+    draw.ellipse([-size // 2, size * 2 // 3, size * 3 // 2, size * 2], fill=hill)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def input_images(workflows: list[Path]) -> list[str]:
+    """Image names the workflows' LoadImage nodes point at."""
+    names = set()
+    for path in workflows:
+        for node in read_workflow(path).get("nodes", []):
+            values = node.get("widgets_values")
+            if node.get("type") == "LoadImage" and isinstance(values, list) and values:
+                names.add(str(values[0]))
+    return sorted(names)
 
 
 def read_workflow(path: Path) -> dict:

@@ -38,11 +38,14 @@ function roleNames(roles) {
   return roles && typeof roles === "object" ? Object.keys(roles) : [];
 }
 
-/** The text line under the map. */
+/** The text line under the map: rank, alpha, dialect, kinds (when not plain LoRA), DoRA, parameters. */
 export function summaryText(info) {
   const parts = [`rank ${rankText(info.ranks)}`];
-  if (info.alpha !== undefined && info.alpha !== null) parts.push(`alpha ${rankText(info.alpha)}`);
+  parts.push(info.alpha === undefined || info.alpha === null ? "no alpha" : `alpha ${rankText(info.alpha)}`);
   if (info.dialect) parts.push(String(info.dialect));
+  const kinds = (info.kinds ?? []).map(String).filter((k) => k.toLowerCase() !== "lora");
+  if (kinds.length) parts.push(kinds.join("+"));
+  if (info.dora) parts.push("DoRA");
   const params = paramsText(Number(info.num_params));
   if (params) parts.push(params);
   return parts.join(" · ");
@@ -97,7 +100,7 @@ app.registerExtension({
     if (nodeData.name !== NODE_TYPE) return;
     chain(nodeType.prototype, "onNodeCreated", function () {
       this.bloraBlockMapView = new BlockMapView(this);
-      this.setSize([Math.max(this.size[0], 320), Math.max(this.size[1], this.computeSize()[1])]);
+      this.setSize([Math.max(this.size[0], 360), Math.max(this.size[1], this.computeSize()[1])]);
     });
     chain(nodeType.prototype, "onExecuted", function (output) {
       const info = output?.blora?.[0];

@@ -92,7 +92,7 @@ app.registerExtension({
     chain(proto, "onNodeCreated", function () {
       this.bloraChart = new LossChart();
       this.bloraChartView = new ChartView(this);
-      this.setSize([Math.max(this.size[0], 380), Math.max(this.size[1], this.computeSize()[1])]);
+      this.setSize([Math.max(this.size[0], 420), Math.max(this.size[1], this.computeSize()[1])]);
     });
     chain(proto, "onExecuted", function (output) {
       const losses = output?.loss;
