@@ -214,3 +214,40 @@ def test_block_map_after_apply_run(ui_page, ui_server, baseline):
     focus_mode(page, False)
     errors = unexplained(log.since(mark), baseline)
     assert not errors, _describe(errors)
+
+
+def test_chart_and_map_helpers_in_page(ui_page):
+    """The modules' pure helpers, imported in the page as the front end serves them, against Python references:
+    the debiased EMA, durations, and how the block map reads a loader's UI output."""
+    page, _ = ui_page
+    losses = [0.5, 0.25, float("nan"), 0.125, 1.0]
+    got = page.evaluate("""async (losses) => {
+      const chart = await import("/extensions/comfyui-blora/js/loss_chart.js");
+      const map = await import("/extensions/comfyui-blora/js/block_map.js");
+      const c = new chart.LossChart();
+      c.update({ step: 1, steps: 10, loss: 0.5, elapsed: 2 });
+      c.update({ step: 2, steps: 10, loss: 0.4, elapsed: 4 });
+      const running = [c.rate, c.eta, c.summary()];
+      c.update({ step: 1, steps: 5, loss: 0.3, elapsed: 1 });  // a new run whose start was missed
+      return {
+        ema: chart.smooth(losses.map((v) => (v === null ? NaN : v)), 0.9),
+        durations: [5, 65, 3723, -1].map(chart.formatDuration),
+        running, restarted: [c.points.length, c.steps],
+        slots: map.presentSlots(["OUT0", "output_blocks.1.1", "input_blocks.8.1", "bogus"]),
+        ranks: [map.rankText([64, 4, 64]), map.rankText({ a: 8 }), map.rankText(16)],
+        line: map.summaryText({ ranks: [64], alpha: [64], dialect: "kohya_ldm", kinds: ["lora"], dora: true,
+                                num_params: 28_200_000 }),
+      };
+    }""", [None if math.isnan(v) else v for v in losses])
+    acc, n, ema = 0.0, 0, []
+    for v in losses:
+        if math.isfinite(v):
+            acc, n = 0.9 * acc + 0.1 * v, n + 1
+        ema.append(acc / (1 - 0.9 ** n))
+    assert got["ema"] == pytest.approx(ema, rel=1e-12)
+    assert got["durations"] == ["0:05", "1:05", "1:02:03", "–"]
+    assert got["running"] == [0.5, 16.0, "step 2/10 · 0.50 it/s · ETA 0:16 · loss 0.400 · ema 0.447"]
+    assert got["restarted"] == [1, 5]
+    assert got["slots"] == ["IN08", "OUT0", "OUT1"]
+    assert got["ranks"] == ["4/64", "8", "16"]
+    assert got["line"] == "rank 64 · alpha 64 · kohya_ldm · DoRA · 28.2M params"
