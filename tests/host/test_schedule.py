@@ -8,63 +8,13 @@ import importlib
 import pytest
 import torch
 
-from blora.adapter import Adapter, ModuleAdapter
+from blora_testkit.dynamic import base_weight, make_lora, record, run, sample
+
 from blora.errors import ScheduleError
 from blora.schedule import parse_schedule, strength_at
 
 CONTENT_KEY = "output_blocks.0.1.transformer_blocks.0.attn1.to_q"
 STYLE_KEY = "output_blocks.1.1.transformer_blocks.0.attn2.to_k"
-
-
-def make_lora(model, blocks, seed, rank=4, up_std=0.2, dora=False, source=None) -> Adapter:
-    """A LoRA on every attention Linear of ``blocks`` (alpha = rank: scale 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    shapes = {k[len("diffusion_model."):-len(".weight")]: v.shape for k, v in model.model.state_dict().items()
-              if k.startswith("diffusion_model.") and k.endswith(".weight") and ".attn" in k}
-    modules = {}
-    for path in sorted(p for p in shapes if any(p.startswith(b + ".") for b in blocks)):
-        out_f, in_f = shapes[path]
-        down = torch.randn(rank, in_f, generator=gen) / in_f ** 0.5
-        up = torch.randn(out_f, rank, generator=gen) * up_std
-        scale = 1.0 + 0.1 * torch.rand(out_f, 1, generator=gen) if dora else None
-        modules[path] = ModuleAdapter("lora", {"down": down, "up": up}, alpha=float(rank), dora_scale=scale)
-    return Adapter(modules=modules, source=source or f"lora{seed}.safetensors", dialect="kohya")
-
-
-def sample(model, steps=5, cfg=2.0, sampler="euler", scheduler="normal", seed=0, negative_tokens=77):
-    import comfy.sample
-    from blora_testkit.tiny_sdxl import tiny_conditioning
-
-    latent = torch.zeros(1, 4, 8, 8)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    negative = tiny_conditioning(2, tokens=negative_tokens)
-    with torch.inference_mode():
-        return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, tiny_conditioning(1), negative,
-                                   latent, seed=seed, disable_pbar=True)
-
-
-class Recorder:
-    """A weight function appended after the pack's: records the weight in force at each model call."""
-
-    def __init__(self):
-        self.weights = []
-
-    def __call__(self, weight):
-        self.weights.append(weight.detach().clone())
-        return weight
-
-
-def record(model, path):
-    rec = Recorder()
-    clone = model.clone()
-    clone.add_weight_wrapper(f"diffusion_model.{path}.weight", rec)
-    return clone, rec
-
-
-def base_weight(model, path):
-    """The unpatched weight (the host patches weights in place while a patched clone is loaded)."""
-    key = f"diffusion_model.{path}.weight"
-    return model.get_key_patches(key)[key][0][0].detach().clone()
 
 
 def ref_delta(adapter, path):
@@ -77,12 +27,6 @@ def nodes(pack):
     schedule = importlib.import_module(pack.__name__ + ".nodes.schedule")
     apply = importlib.import_module(pack.__name__ + ".nodes.apply")
     return schedule.BLoRASchedule, apply.BLoRAApply
-
-
-def run(node, **inputs):
-    from blora_testkit.nodes import run_node
-
-    return run_node(node, **inputs)[0][0]
 
 
 def recovered_strengths(rec, base, delta):
