@@ -54,9 +54,21 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise AdapterFileError(path, f"cannot be read as safetensors: {e}") from None
     for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
+        if not is_finite(tensor):
             raise AdapterFileError(path, "holds NaN or Inf values (a broken training run or a bad conversion)", key)
     return to_canonical(state, source=str(path), metadata=metadata)
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in a tensor (non-float tensors are finite). aminmax propagates NaN and shows ±Inf, and is
+    several times faster than isfinite().all() on large half-precision tensors."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    try:
+        lo, hi = torch.aminmax(tensor)
+    except (RuntimeError, NotImplementedError):  # dtypes without aminmax (float8)
+        lo, hi = torch.aminmax(tensor.float())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _check_header(path: Path) -> dict[str, str]:
@@ -158,11 +170,11 @@ def write_adapter(adapter: Adapter, folder: str | os.PathLike, filename: str, di
 
 def _check_finite(adapter: Adapter, state: Mapping[str, torch.Tensor], target: Path) -> None:
     for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
+        if not is_finite(tensor):
             raise AdapterFileError(target, "not written: NaN or Inf values (overflow in the chosen dtype?)", key)
     for path, module in adapter.modules.items():
         try:
-            finite = bool(torch.isfinite(delta_weight(module)).all())
+            finite = is_finite(delta_weight(module))
         except BLoRAError:  # tucker forms: the factors were checked above
             continue
         if not finite:

@@ -14,7 +14,8 @@ from blora.adapter import delta_weight
 from blora.errors import AdapterFileError, UnsafePathError
 from blora.files import read_adapter, safe_path, write_adapter
 from blora.keys import to_canonical
-from blora_testkit.dialects import TINY_ATTN_SHAPES, blora_shapes, make_state_dict
+from blora.inspect import inspect_adapter
+from blora_testkit.dialects import FULL_ATTN_SHAPES, TINY_ATTN_SHAPES, blora_shapes, ldm_to_diffusers, make_state_dict
 
 PAIR = blora_shapes(TINY_ATTN_SHAPES)
 KEY = "lora_unet_output_blocks_1_1_transformer_blocks_0_attn2_to_k"
@@ -74,6 +75,24 @@ def test_dtype_cast_and_alpha_stays_float32(tmp_path, kohya_file):
         assert f.get_tensor(KEY + ".lora_up.weight").dtype == torch.float16
         assert f.get_tensor(KEY + ".alpha").dtype == torch.float32
     assert read_adapter(path).modules["output_blocks.1.1.transformer_blocks.0.attn2.to_k"].alpha == 2.0
+
+
+def test_original_blora_file_at_full_sdxl_size(tmp_path):
+    """320 tensors / 160 modules, rank 64, no alpha: the published B-LoRA layout (zeros in bf16 keep it cheap)."""
+    sd = {}
+    for p, (o, i) in blora_shapes(FULL_ATTN_SHAPES).items():
+        name = "unet." + ldm_to_diffusers(p)
+        sd[name + ".lora.down.weight"] = torch.zeros(64, i, dtype=torch.bfloat16)
+        sd[name + ".lora.up.weight"] = torch.zeros(o, 64, dtype=torch.bfloat16)
+    path = tmp_path / "blora.safetensors"
+    save_file(sd, str(path))
+    adapter = read_adapter(path)
+    assert len(sd) == 320 and len(adapter.modules) == 160 and adapter.dialect == "diffusers"
+    assert adapter.roles() == ["content", "style"]
+    assert {m.rank for m in adapter.modules.values()} == {64} and {m.scale for m in adapter.modules.values()} == {1.0}
+    report = inspect_adapter(adapter)
+    assert report.num_params == 28_180_480 and "28.2M params" in report.summary()
+    assert report.dtypes == ("bfloat16",)
 
 
 # --- bad files: each error names the file (and the key when one is at fault) ------------------------------------
@@ -137,10 +156,11 @@ def test_too_short_and_missing(tmp_path):
     _bad(tmp_path / "nope.safetensors", "cannot be opened")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_nan_inf_name_the_key(tmp_path, value):
-    sd = make_state_dict("kohya", PAIR, rank=2, seed=0)
-    sd[KEY + ".lora_down.weight"][0, 0] = value
+def test_nan_inf_name_the_key(tmp_path, value, dtype):
+    sd = {k: v.to(dtype) for k, v in make_state_dict("kohya", PAIR, rank=2, seed=0).items()}
+    sd[KEY + ".lora_down.weight"][1, 5] = value
     bad = tmp_path / "nan.safetensors"
     save_file(sd, str(bad))
     _bad(bad, "NaN or Inf", KEY + ".lora_down.weight")
