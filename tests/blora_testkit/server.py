@@ -65,7 +65,11 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    """One ComfyUI server process; use as a context manager (or ``start()`` / ``stop()``)."""
+    """One ComfyUI server process; use as a context manager (or ``start()`` / ``stop()``).
+
+    ``extra_model_paths``: the content of an extra_model_paths.yaml (relative paths resolve against the base
+    dir); ``extra_args``: more main.py flags (e.g. ``("--cache-none",)``); ``keep_dir`` (or the environment
+    variable BLORA_KEEP_SERVER_DIR=1) keeps the base dir and its server.log after ``stop()``."""
 
     def __init__(self, host: Path | str | None = None, *, base_dir: Path | str | None = None,
                  checkpoint: Path | str | None = None, extra_model_paths: dict | None = None,
@@ -79,7 +83,7 @@ class ComfyServer:
         self.extra_model_paths = extra_model_paths
         self.extra_args = tuple(extra_args)
         self.startup_timeout = startup_timeout
-        self.keep_dir = keep_dir
+        self.keep_dir = keep_dir or bool(os.environ.get("BLORA_KEEP_SERVER_DIR"))
         self.port = 0
         self.client_id = uuid.uuid4().hex
         self.proc: subprocess.Popen | None = None
@@ -123,11 +127,8 @@ class ComfyServer:
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         ckpt = self.checkpoint or cached_tiny_checkpoint(self.host)
         target = self.models_dir / "checkpoints" / CKPT_NAME
-        if not target.exists():
-            try:
-                os.link(ckpt, target)
-            except OSError:
-                shutil.copyfile(ckpt, target)
+        if not target.exists():  # a copy, so nothing a test does can touch the shared cache
+            shutil.copyfile(ckpt, target)
         for name, src in ((PACK_DIR_NAME, ROOT), ("blora_tiny_host", TINY_HOST_NODE)):
             link = self.base_dir / "custom_nodes" / name
             if not link.exists():
@@ -151,15 +152,22 @@ class ComfyServer:
         return cmd + list(self.extra_args)
 
     def start(self) -> "ComfyServer":
+        """Prepare the base dir, launch the server, wait for /object_info, connect the websocket."""
         self._prepare_base_dir()
-        self.port = free_port()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "DO_NOT_TRACK": "1"}
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), cwd=str(self.host), env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
         try:
-            self._wait_ready()
+            for attempt in range(3):  # another process may take the free port before the server binds it
+                self.port = free_port()
+                self.proc = subprocess.Popen(self.command(), cwd=str(self.host), env=env, stdin=subprocess.DEVNULL,
+                                             stdout=self._log, stderr=subprocess.STDOUT)
+                try:
+                    self._wait_ready()
+                    break
+                except ServerError:
+                    if attempt == 2 or "address already in use" not in self.log_tail(30).lower():
+                        raise
             self._ws = WsListener(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}")
             self._ws.start()
         except BaseException:
@@ -171,7 +179,7 @@ class ComfyServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(f"server exited with {self.proc.returncode} while starting{self._tail()}")
+                raise ServerError(f"server exited with {self.proc.returncode} while starting{self.log_context()}")
             try:
                 status, _ = self.request("GET", "/object_info", timeout=10)
                 if status == 200:
@@ -179,7 +187,7 @@ class ComfyServer:
             except OSError:
                 pass
             time.sleep(0.25)
-        raise ServerError(f"server not ready after {self.startup_timeout:.0f} s{self._tail()}")
+        raise ServerError(f"server not ready after {self.startup_timeout:.0f} s{self.log_context()}")
 
     def stop(self, timeout: float = 15.0) -> None:
         """Terminate the server (kill after ``timeout``), close the websocket; remove the temp base dir
@@ -211,7 +219,7 @@ class ComfyServer:
         try:
             return self._ws.wait(prompt_id, timeout, alive=lambda: self.proc.poll() is None)
         except (TimeoutError, RuntimeError) as err:
-            raise ServerError(f"{err}{self._tail()}") from None
+            raise ServerError(f"{err}{self.log_context()}") from None
 
     # -- HTTP ----------------------------------------------------------------------------------------------
     def request(self, method: str, path: str, body=None, timeout: float = 30.0):
@@ -238,7 +246,7 @@ class ComfyServer:
         """Queue an API-format graph; its prompt_id. PromptRejected (with the answer) when validation fails."""
         status, body = self.post_prompt(prompt)
         if status != 200 or not isinstance(body, dict) or "prompt_id" not in body:
-            raise PromptRejected(f"/prompt answered {status}: {json.dumps(body)[:4000]}{self._tail(40)}",
+            raise PromptRejected(f"/prompt answered {status}: {json.dumps(body)[:4000]}{self.log_context(40)}",
                                  status, body)
         return body["prompt_id"]
 
@@ -249,14 +257,14 @@ class ComfyServer:
         messages = self.wait(prompt_id, timeout)
         if expect_success and "execution_success" not in message_types(messages):
             errors = [m["data"] for m in messages if m.get("type") == "execution_error"]
-            raise AssertionError(f"prompt {prompt_id} did not succeed: {json.dumps(errors)[:4000]}{self._tail()}")
+            raise AssertionError(f"prompt {prompt_id} did not succeed: {json.dumps(errors)[:4000]}{self.log_context()}")
         return prompt_id, messages
 
     def history(self, prompt_id: str) -> dict:
         """The /history entry of one prompt ({} when unknown): prompt, outputs, status, meta."""
         status, body = self.request("GET", f"/history/{prompt_id}")
         if status != 200:
-            raise ServerError(f"/history answered {status}: {body}{self._tail(20)}")
+            raise ServerError(f"/history answered {status}: {body}{self.log_context(20)}")
         return body.get(prompt_id, {}) if isinstance(body, dict) else {}
 
     def output_files(self, prompt_id: str, types: tuple[str, ...] = ("output",)) -> list[Path]:
@@ -279,7 +287,7 @@ class ComfyServer:
     def object_info(self, node_id: str | None = None) -> dict:
         status, body = self.request("GET", "/object_info" + (f"/{node_id}" if node_id else ""))
         if status != 200:
-            raise ServerError(f"/object_info answered {status}{self._tail(20)}")
+            raise ServerError(f"/object_info answered {status}{self.log_context(20)}")
         return body
 
     def interrupt(self) -> None:
@@ -303,5 +311,6 @@ class ComfyServer:
     def log_tail(self, lines: int = 80) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
-    def _tail(self, lines: int = 80) -> str:
+    def log_context(self, lines: int = 80) -> str:
+        """The log tail as an assertion-message suffix."""
         return f"\n--- server log tail ({self.log_path}) ---\n{self.log_tail(lines)}"

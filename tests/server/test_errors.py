@@ -85,7 +85,7 @@ def test_bad_file_fails_cleanly(server, setup, case):
     _, msgs = server.run(apply_graph(server, bad.name, seed=1, prefix=f"bad_{case}"), timeout=120,
                          expect_success=False)
     err = execution_error(msgs)
-    assert err is not None, f"{case}: prompt did not fail: {[m['type'] for m in msgs]}{server._tail(30)}"
+    assert err is not None, f"{case}: prompt did not fail: {[m['type'] for m in msgs]}{server.log_context(30)}"
     message = err["exception_message"]
     assert err["node_type"] in ("BLoRALoader", "BLoRAApply"), err["node_type"]
     assert bad.name in message, f"{case}: message does not name the file: {message}"

@@ -6,14 +6,15 @@ import copy
 import time
 import zlib
 
-import numpy as np
 import pytest
 import torch
 
 from blora_testkit.loras import ROLE_BLOCKS, attention_shapes, make_pairs, only_blocks, write_kohya, write_original
-from blora_testkit.ws_listener import WsListener
 from blora_testkit.workflows import (api_example_names, load_api_example, message_types, read_image, read_latent,
                                      stock_graph)
+from blora_testkit.ws_listener import WsListener
+
+np = pytest.importorskip("numpy")  # a host dependency; this layer is skipped without a host anyway
 
 EXTRA_BLOCK = "output_blocks.2.1"  # in every test B-LoRA: a block no role may apply
 BLOCK_WEIGHTS = {"content": 0.7, "style": -0.4}  # the weights text the block-weights examples get (default 0)
@@ -49,6 +50,24 @@ def test_tiny_checkpoint_prompt_and_seed_matter(server):
     other_seed = read_latent(_save(server, "seed", seed=1)[2])
     assert (base - other_prompt).abs().max() > 1e-3  # the tiny text encoders load and condition the UNet
     assert (base - other_seed).abs().max() > 1e-1
+
+
+def test_tiny_checkpoint_layout_and_seeded_build(server, comfy_host, tmp_path):
+    from safetensors import safe_open
+
+    from blora_testkit.tiny_checkpoint import write_tiny_checkpoint
+
+    served = server.models_dir / "checkpoints" / server.ckpt_name
+    with safe_open(str(served), framework="pt") as f:
+        keys = list(f.keys())
+    roots = {next(r for r in ("model.diffusion_model.", "conditioner.embedders.", "first_stage_model.", "")
+                  if k.startswith(r)) for k in keys}
+    assert roots == {"model.diffusion_model.", "conditioner.embedders.", "first_stage_model."}, roots
+    assert any(k.startswith("conditioner.embedders.0.transformer.text_model.") for k in keys)
+    assert any(k.startswith("conditioner.embedders.1.model.transformer.resblocks.") for k in keys)
+    assert any(k.startswith("first_stage_model.taesd_decoder.") for k in keys)
+    rebuilt = write_tiny_checkpoint(tmp_path / "again.safetensors", seed=0)  # in-process, same seed: same bytes
+    assert rebuilt.read_bytes() == served.read_bytes()
 
 
 def test_interrupt_stops_a_running_prompt(server):
@@ -170,7 +189,7 @@ def test_example(server, name):
     graph, pairs = prepare(server, name)
     pid, msgs = server.run(graph, timeout=240)
     ours = _results(server, pid)
-    assert ours, f"{name}: no output files{server._tail(30)}"
+    assert ours, f"{name}: no output files{server.log_context(30)}"
     twins = stock_twin(server, name, graph, pairs)
     if twins is None:
         return

@@ -27,8 +27,8 @@ def test_pack_imports_without_error(server):
     log = server.log_text().split("Starting server")[0]  # start-up only
     bad = [line for line in log.splitlines() if PACK_DIR_NAME in line
            and re.search(r"IMPORT FAILED|Cannot import|Error while calling comfy_entrypoint|File \"", line)]
-    assert not bad, "\n".join(bad) + server._tail()
-    assert re.search(rf"seconds: .*custom_nodes/{PACK_DIR_NAME}\s*$", log, re.M), server._tail()
+    assert not bad, "\n".join(bad) + server.log_context()
+    assert re.search(rf"seconds: .*custom_nodes/{PACK_DIR_NAME}\s*$", log, re.M), server.log_context()
 
 
 def test_every_pack_node_is_registered_and_documented(server, pack):
