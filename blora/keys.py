@@ -80,7 +80,7 @@ def to_canonical(state_dict: Mapping[str, torch.Tensor], source: str = "",
         dialect = detect_dialect(state_dict.keys())
     except BLoRAError as e:
         raise AdapterFileError(where, str(e)) from None
-    groups, unmapped = _group(state_dict)
+    groups, unmapped = _group(state_dict, where)
     alpha_of = _peft_alphas(metadata, where)
     modules: dict[str, ModuleAdapter] = {}
     first_key: dict[str, str] = {}
@@ -102,8 +102,9 @@ def to_canonical(state_dict: Mapping[str, torch.Tensor], source: str = "",
                    unmapped=tuple(sorted(unmapped)), trigger=trigger_of(metadata))
 
 
-def _group(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, _Part]], list[str]]:
-    """Keys grouped by module name (tensor name -> part), and the keys with a suffix no dialect uses."""
+def _group(state_dict: Mapping[str, torch.Tensor], where: str) -> tuple[dict[str, dict[str, _Part]], list[str]]:
+    """Keys grouped by module name (tensor name -> part), and the keys with a suffix no dialect uses. Two keys
+    for one tensor of one module (``lora_A.weight`` and ``lora_A.default.weight``) are an error."""
     groups: dict[str, dict[str, _Part]] = {}
     unknown: list[str] = []
     for key, tensor in state_dict.items():
@@ -112,7 +113,11 @@ def _group(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, 
             unknown.append(key)
             continue
         module, kind, name = split
-        groups.setdefault(module, {})[name] = _Part(key, kind, name, tensor)
+        group = groups.setdefault(module, {})
+        if name in group:
+            raise AdapterFileError(where, f"gives the {name} tensor of {module!r} twice (also as "
+                                          f"{group[name].key!r})", key)
+        group[name] = _Part(key, kind, name, tensor)
     return groups, unknown
 
 

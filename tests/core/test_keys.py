@@ -286,6 +286,14 @@ def test_module_spelled_twice_is_an_error():
         to_canonical(sd, "dup.safetensors")
 
 
+def test_one_tensor_given_twice_is_an_error():
+    sd = make_state_dict("peft", PAIR, rank=2, seed=0)
+    key = next(k for k in sd if k.endswith(".lora_A.weight"))
+    sd[key.replace(".lora_A.weight", ".lora_A.default.weight")] = sd[key].clone()
+    with pytest.raises(AdapterFileError, match="twice"):
+        to_canonical(sd, "twice.safetensors")
+
+
 def test_mixed_kinds_and_bad_alpha_are_errors():
     sd = make_state_dict("kohya", PAIR, rank=2, seed=0, kind="lora")
     key = "lora_unet_output_blocks_1_1_transformer_blocks_0_attn2_to_q"
