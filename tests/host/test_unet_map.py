@@ -65,3 +65,14 @@ def test_kohya_names_resolve_like_the_host_key_map(comfy_host, tiny_weights):
     for name, weight_key in kohya.items():
         target = weight_key[len("diffusion_model."):-len(".weight")]
         assert resolve_module(name) == ("unet", target), name
+
+
+def test_text_encoder_kohya_names_resolve_like_the_host(comfy_host):
+    import comfy.lora
+
+    for te, layers in (("te1", 12), ("te2", 32)):
+        for b in range(layers):
+            for dotted, kohya in comfy.lora.LORA_CLIP_MAP.items():
+                name = f"lora_{te}_text_model_encoder_layers_{b}_{kohya}"
+                assert resolve_module(name) == (te, f"text_model.encoder.layers.{b}.{dotted}"), name
+    assert resolve_module("lora_te1_text_model_encoder_layers_12_mlp_fc1") is None  # CLIP-L has 12 layers
