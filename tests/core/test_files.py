@@ -245,6 +245,17 @@ def test_write_refuses_non_finite_and_fp16_overflow(tmp_path, kohya_file):
     assert not (tmp_path / "o").exists()  # nothing written, not even the folder
 
 
+def test_write_refuses_a_delta_that_overflows_float32(tmp_path, kohya_file):
+    from dataclasses import replace
+    adapter = read_adapter(kohya_file)
+    path = "output_blocks.1.1.transformer_blocks.0.attn2.to_v"
+    m = adapter.modules[path]
+    huge = type(m)(m.kind, {"down": m.tensors["down"] * 1e20, "up": m.tensors["up"] * 1e20}, m.alpha)
+    with pytest.raises(AdapterFileError, match="overflows") as e:
+        write_adapter(replace(adapter, modules={**adapter.modules, path: huge}), tmp_path / "o", "big")
+    assert path in str(e.value) and not (tmp_path / "o").exists()
+
+
 def test_overwrite_is_atomic_replace(tmp_path, kohya_file):
     adapter = read_adapter(kohya_file)
     first = write_adapter(adapter, tmp_path, "same", dialect="comfy")
