@@ -68,12 +68,14 @@ class ComfyServer:
     """One ComfyUI server process; use as a context manager (or ``start()`` / ``stop()``).
 
     ``extra_model_paths``: the content of an extra_model_paths.yaml (relative paths resolve against the base
-    dir); ``extra_args``: more main.py flags (e.g. ``("--cache-none",)``); ``keep_dir`` (or the environment
+    dir); ``extra_args``: more main.py flags (e.g. ``("--cache-none",)``); ``env``: extra environment
+    variables for the server process; ``keep_dir`` (or the environment
     variable BLORA_KEEP_SERVER_DIR=1) keeps the base dir and its server.log after ``stop()``."""
 
     def __init__(self, host: Path | str | None = None, *, base_dir: Path | str | None = None,
                  checkpoint: Path | str | None = None, extra_model_paths: dict | None = None,
-                 extra_args: tuple[str, ...] = (), startup_timeout: float = 90.0, keep_dir: bool = False):
+                 extra_args: tuple[str, ...] = (), env: dict | None = None, startup_timeout: float = 90.0,
+                 keep_dir: bool = False):
         self.host = Path(host) if host else find_host()
         if self.host is None:
             raise ServerError("no ComfyUI host: set COMFYUI_PATH")
@@ -82,6 +84,7 @@ class ComfyServer:
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.extra_model_paths = extra_model_paths
         self.extra_args = tuple(extra_args)
+        self.env = dict(env or {})
         self.startup_timeout = startup_timeout
         self.keep_dir = keep_dir or bool(os.environ.get("BLORA_KEEP_SERVER_DIR"))
         self.port = 0
@@ -154,8 +157,10 @@ class ComfyServer:
     def start(self) -> "ComfyServer":
         """Prepare the base dir, launch the server, wait for /object_info, connect the websocket."""
         self._prepare_base_dir()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "DO_NOT_TRACK": "1"}
+        # one intra-op thread unless the caller says otherwise: the tiny model gains nothing from more, and on a
+        # busy 2-core machine OpenMP's spinning threads made a 3-step sample 20-40x slower
+        env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1", **self.env}
         self._log = open(self.log_path, "ab")
         try:
             for attempt in range(3):  # another process may take the free port before the server binds it
