@@ -70,10 +70,14 @@ def baseline(browser, ui_server) -> set:
     return {e.signature for e in log.entries}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ui_page(browser, ui_server, baseline):
-    """(page, console log) of a fresh browser context with the UI loaded (after the baseline ran)."""
+    """(page, console log) of one browser context with the UI loaded, shared by the tests (a UI load costs
+    ~10 s on 2 cores); ``log.load_errors`` are the errors of the first load. Tests check the errors they caused
+    from ``log.mark()`` on."""
     context, page, log = new_page(browser)
     open_ui(page, ui_server.url)
+    page.wait_for_timeout(500)
+    log.load_errors = log.since(0)
     yield page, log
     context.close()

@@ -1,6 +1,7 @@
 """Write a thumbnail per example workflow: example_workflows/<name>.jpg (what ComfyUI's template browser loads for
 a custom node's example, frontend 1.27: /api/workflow_templates/<pack>/<name>.jpg) and <name>.png (the README
-gallery). Each is a screenshot of the graph opened in the real front end (focus mode, fitted to the nodes).
+gallery). Each is a screenshot of the graph opened in the real front end (focus mode, fitted and cropped to
+the nodes).
 
     COMFYUI_PATH=/path/to/ComfyUI python tests/browser/make_thumbnails.py [name ...]
 
@@ -15,8 +16,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # ui_kit, blora_testkit
 
-from ui_kit import (EXAMPLES, UI_SETTINGS, example_workflows, fit_view, input_images, launch,  # noqa: E402
-                    load_workflow, missing_browser_reason, new_page, open_ui, read_workflow, sample_image)
+from ui_kit import (EXAMPLES, UI_SETTINGS, example_workflows, fit_view, graph_clip, input_images,  # noqa: E402
+                    launch, load_workflow, missing_browser_reason, new_page, open_ui, read_workflow, sample_image)
 
 VIEWPORT = (1280, 800)
 JPEG_QUALITY = 85
@@ -42,10 +43,11 @@ def make_thumbnails(names: list[str] | None = None) -> list[Path]:
             if result["missing"]:
                 print(f"{path.name}: skipped, node types not registered: {result['missing']}", file=sys.stderr)
                 continue
-            fit_view(page)
+            fit_view(page, 0.96)
+            clip = graph_clip(page)
             for suffix, options in ((".png", {}), (".jpg", {"type": "jpeg", "quality": JPEG_QUALITY})):
                 target = EXAMPLES / f"{path.stem}{suffix}"
-                page.screenshot(path=str(target), **options)
+                page.screenshot(path=str(target), clip=clip, **options)
                 written.append(target)
         context.close()
         browser.close()

@@ -9,16 +9,29 @@ import math
 import pytest
 
 from ui_kit import (ARTIFACTS, DOCS, EXAMPLES, OUR_EXTENSIONS, PACK_WEB, TINY_BLORA, example_workflows, fit_view,
-                    focus_mode, load_workflow, open_ui, read_workflow, screenshot, set_widgets, unexplained)
+                    focus_mode, graph_clip, load_workflow, open_ui, read_workflow, screenshot, set_widgets, unexplained)
 
-TRAIN_EXAMPLE = "train_then_apply"
+TRAIN_EXAMPLE = "train_then_apply"  # preferred; else the first example with a Train B-LoRA node
+APPLY_EXAMPLE = "style_transfer"  # preferred; else the first example with Load B-LoRA and no training
 TRAIN_STEPS = 8
 # The training example made cheap for the tiny checkpoint, by widget name (node type prefix where it matters).
-TRAIN_OVERRIDES = {"BLoRATrain.steps": TRAIN_STEPS, "BLoRATrain.resolution": 64, "BLoRATrain.preview_every": 4}
+TRAIN_OVERRIDES = {"BLoRATrain.steps": TRAIN_STEPS, "BLoRATrain.resolution": 64, "BLoRATrain.rank": 4,
+                   "BLoRATrain.alpha": 4.0, "BLoRATrain.training_dtype": "fp32",
+                   "BLoRATrain.gradient_checkpointing": False, "BLoRATrain.save_every": 0}
 PANELS = {"BLoRATrain": "chart", "BLoRALoader": "blockMap"}
 # Any example graph made cheap for the tiny checkpoint.
 SMALL_GRAPH = {"EmptyLatentImage.width": 64, "EmptyLatentImage.height": 64, "EmptyLatentImage.batch_size": 1,
                "KSampler.steps": 2}
+
+
+def _example_with(node_type: str, prefer: str = "", without: str = ""):
+    """The example named ``prefer`` if it has a ``node_type`` node, else the first that has one (and no
+    ``without`` node); None when no example qualifies."""
+    def types(path):
+        return {n["type"] for n in read_workflow(path)["nodes"]}
+
+    found = [p for p in example_workflows() if node_type in types(p) and without not in types(p)]
+    return next((p for p in found if p.stem == prefer), found[0] if found else None)
 
 
 def _describe(errors) -> str:
@@ -37,13 +50,14 @@ def test_extensions_load_without_console_errors(ui_page, ui_server, baseline):
     requests = page.evaluate("performance.getEntriesByType('resource').map((r) => r.name)")
     assert all(r.startswith(ui_server.url) or r.startswith("blob:") or r.startswith("data:") for r in requests), \
         [r for r in requests if not r.startswith(ui_server.url)]
-    errors = unexplained(log.entries, baseline)
+    errors = unexplained(log.load_errors, baseline)
     assert not errors, _describe(errors)
 
 
 @pytest.mark.parametrize("path", example_workflows(), ids=lambda p: p.stem)
 def test_example_workflow_opens(ui_page, baseline, path):
     page, log = ui_page
+    mark = log.mark()
     workflow = read_workflow(path)
     result = load_workflow(page, workflow)
     assert not result["missing"], f"{path.name}: node types not registered: {result['missing']}"
@@ -55,7 +69,7 @@ def test_example_workflow_opens(ui_page, baseline, path):
             assert node[PANELS[node["type"]]], f"{node['type']} #{node['id']} has no {PANELS[node['type']]} panel"
     fit_view(page)
     screenshot(page, ARTIFACTS / f"workflow_{path.stem}.png")
-    errors = unexplained(log.entries, baseline)
+    errors = unexplained(log.since(mark), baseline)
     assert not errors, _describe(errors)
 
 
@@ -92,20 +106,10 @@ def _wait_chart_done(page, steps: int, timeout_ms: int = 150_000):
     return page.evaluate(_CHART_STATE)[0]
 
 
-def _latest_train_output(ui_server, node_id: str) -> dict:
-    status, history = ui_server.request("GET", "/history?max_items=8")
-    assert status == 200
-    runs = sorted(history.values(), key=lambda h: h["prompt"][0], reverse=True)
-    for run in runs:
-        if node_id in run.get("outputs", {}):
-            return {"status": run["status"], **run["outputs"][node_id]}
-    raise AssertionError(f"no finished prompt with outputs for node {node_id}: {list(history)}")
-
-
 def test_train_chart_follows_the_run_and_survives_reload(ui_page, ui_server, baseline):
-    path = next((p for p in example_workflows() if p.stem == TRAIN_EXAMPLE), None)
+    path = _example_with("BLoRATrain", prefer=TRAIN_EXAMPLE)
     if path is None:
-        pytest.skip(f"example_workflows/{TRAIN_EXAMPLE}.json not there yet")
+        pytest.skip("no example workflow with Train B-LoRA yet")
     page, log = ui_page
     result = load_workflow(page, read_workflow(path))
     assert not (result["missing"] or result["invalid"] or result["alerts"]), result
@@ -118,8 +122,9 @@ def test_train_chart_follows_the_run_and_survives_reload(ui_page, ui_server, bas
     page.evaluate("app.queuePrompt(0)")
     chart = _wait_chart_done(page, steps)
     events = page.evaluate("window.__bloraEvents")
-    output = _latest_train_output(ui_server, chart["id"])
-    assert output["status"]["status_str"] == "success", output["status"]
+    run = _wait_queue_empty(ui_server)
+    assert run["status"]["status_str"] == "success", run["status"]
+    output = run["outputs"][chart["id"]]
 
     # Live: one progress event per step reached this page and named this node; the chart shows the same losses.
     assert [e["step"] for e in events] == list(range(1, steps + 1)), events
@@ -137,7 +142,8 @@ def test_train_chart_follows_the_run_and_survives_reload(ui_page, ui_server, bas
     fit_view(page)
     screenshot(page, ARTIFACTS / "train_run.png")
     focus_mode(page)
-    _screenshot_train_node(page, DOCS / "train_chart.png")
+    fit_view(page, 0.9, node_ids=[int(chart["id"])])
+    screenshot(page, DOCS / "train_chart.png", clip=graph_clip(page, 8, node_ids=[int(chart["id"])]))
     focus_mode(page, False)
     errors = unexplained(log.since(mark), baseline)
     assert not errors, _describe(errors)
@@ -150,22 +156,6 @@ def test_train_chart_follows_the_run_and_survives_reload(ui_page, ui_server, bas
     screenshot(page, ARTIFACTS / "train_after_reload.png")
     errors = unexplained(log.since(mark), baseline)
     assert not errors, _describe(errors)
-
-
-def _screenshot_train_node(page, path):
-    """Zoom onto the Train B-LoRA node and capture it."""
-    box = page.evaluate("""() => {
-      const n = app.graph.nodes.find((n) => n.comfyClass === "BLoRATrain");
-      const t = LiteGraph.NODE_TITLE_HEIGHT;
-      app.canvas.ds.fitToBounds([n.pos[0], n.pos[1] - t, n.size[0], n.size[1] + t], { zoom: 0.9 });
-      app.canvas.setDirty(true, true);
-      const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - t]);
-      const r = app.canvas.canvas.getBoundingClientRect();
-      const s = app.canvas.ds.scale;
-      return { x: r.left + x - 8, y: r.top + y - 8, width: n.size[0] * s + 16, height: (n.size[1] + t) * s + 16 };
-    }""")
-    page.wait_for_timeout(400)
-    return screenshot(page, path, clip=box)
 
 
 def _wait_queue_empty(ui_server, timeout_s: float = 120.0) -> dict:
@@ -185,9 +175,7 @@ def _wait_queue_empty(ui_server, timeout_s: float = 120.0) -> dict:
 def test_block_map_after_apply_run(ui_page, ui_server, baseline):
     """An example with Load B-LoRA, pointed at a tiny content + style B-LoRA, runs from the page; each loader
     then shows the file's blocks (OUT0 content, OUT1 style), rank and dialect."""
-    path = next((p for p in example_workflows()
-                 if any(n["type"] == "BLoRALoader" for n in read_workflow(p)["nodes"])
-                 and not any(n["type"] == "BLoRATrain" for n in read_workflow(p)["nodes"])), None)
+    path = _example_with("BLoRALoader", prefer=APPLY_EXAMPLE, without="BLoRATrain")
     if path is None:
         pytest.skip("no example workflow with Load B-LoRA yet")
     page, log = ui_page
@@ -209,8 +197,8 @@ def test_block_map_after_apply_run(ui_page, ui_server, baseline):
     fit_view(page)
     screenshot(page, ARTIFACTS / f"apply_run_{path.stem}.png")
     focus_mode(page)
-    fit_view(page)
-    screenshot(page, DOCS / "apply_graph.png")
+    fit_view(page, 0.96)
+    screenshot(page, DOCS / "apply_graph.png", clip=graph_clip(page))
     focus_mode(page, False)
     errors = unexplained(log.since(mark), baseline)
     assert not errors, _describe(errors)

@@ -83,6 +83,7 @@ class ConsoleError:
 class ConsoleLog:
     """Every console error and uncaught page error of one page, in order."""
     entries: list[ConsoleError] = field(default_factory=list)
+    load_errors: list[ConsoleError] = field(default_factory=list)  # set by whoever loads the page first
 
     def attach(self, page) -> "ConsoleLog":
         def on_console(msg):
@@ -216,20 +217,36 @@ def focus_mode(page, on: bool = True) -> None:
     page.wait_for_timeout(400)
 
 
-def fit_view(page, margin: float = 0.92) -> None:
-    """Zoom and pan so every node is visible, then redraw."""
-    page.evaluate("""(margin) => {
-      const nodes = app.graph.nodes;
-      if (!nodes.length) return;
-      const title = LiteGraph.NODE_TITLE_HEIGHT;
-      const x0 = Math.min(...nodes.map((n) => n.pos[0]));
-      const y0 = Math.min(...nodes.map((n) => n.pos[1] - title));
-      const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
-      const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
-      app.canvas.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], { zoom: margin });
-      app.canvas.setDirty(true, true);
-    }""", margin)
+_BOUNDS = """(ids) => {
+  const nodes = app.graph.nodes.filter((n) => !ids || ids.includes(n.id));
+  const title = LiteGraph.NODE_TITLE_HEIGHT;
+  const x0 = Math.min(...nodes.map((n) => n.pos[0]));
+  const y0 = Math.min(...nodes.map((n) => n.pos[1] - title));
+  const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
+  const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+  return [x0, y0, x1 - x0, y1 - y0];
+}"""
+
+
+def fit_view(page, margin: float = 0.92, node_ids: list | None = None) -> None:
+    """Zoom and pan so every node (or the nodes ``node_ids``) is visible, then redraw."""
+    bounds = page.evaluate(_BOUNDS, node_ids)
+    page.evaluate("([b, margin]) => { app.canvas.ds.fitToBounds(b, { zoom: margin });"
+                  " app.canvas.setDirty(true, true); }", [bounds, margin])
     page.wait_for_timeout(400)
+
+
+def graph_clip(page, pad: int = 12, node_ids: list | None = None) -> dict:
+    """Screen rectangle (a Playwright ``clip``) around every node, or the nodes ``node_ids``, as drawn now."""
+    bounds = page.evaluate(_BOUNDS, node_ids)
+    return page.evaluate("""([b, pad]) => {
+      const [x0, y0] = app.canvas.ds.convertOffsetToCanvas([b[0], b[1]]);
+      const [x1, y1] = app.canvas.ds.convertOffsetToCanvas([b[0] + b[2], b[1] + b[3]]);
+      const r = app.canvas.canvas.getBoundingClientRect();
+      const left = Math.max(0, r.left + x0 - pad), top = Math.max(0, r.top + y0 - pad);
+      return { x: left, y: top, width: Math.min(window.innerWidth, r.left + x1 + pad) - left,
+               height: Math.min(window.innerHeight, r.top + y1 + pad) - top };
+    }""", [bounds, pad])
 
 
 def screenshot(page, path: Path, **kwargs) -> Path:

@@ -58,10 +58,10 @@ class BlockMapView {
       font: "10px sans-serif", color: COLORS.text, boxSizing: "border-box" });
     this.grid = element("div", { display: "grid", gridTemplateColumns: "repeat(11, 1fr)", gap: "2px" });
     this.cells = new Map(SLOTS.map((s) => [s.slot, this.cell(s)]));
-    this.line = element("div", { font: "11px monospace", whiteSpace: "nowrap", overflow: "hidden",
-      textOverflow: "ellipsis" }, "block map: shown after the node runs");
+    this.line = element("div", { font: "10px monospace", lineHeight: "13px", maxHeight: "26px",
+      overflow: "hidden", overflowWrap: "anywhere" }, "block map: shown after a run");
     this.root.append(this.grid, this.line);
-    addPanel(node, "blora_block_map", this.root, 58);
+    addPanel(node, "blora_block_map", this.root, 62);
   }
 
   cell(s) {
