@@ -74,7 +74,7 @@ class ComfyServer:
 
     def __init__(self, host: Path | str | None = None, *, base_dir: Path | str | None = None,
                  checkpoint: Path | str | None = None, extra_model_paths: dict | None = None,
-                 extra_args: tuple[str, ...] = (), env: dict | None = None, startup_timeout: float = 90.0,
+                 extra_args: tuple[str, ...] = (), env: dict | None = None, startup_timeout: float = 120.0,
                  keep_dir: bool = False):
         self.host = Path(host) if host else find_host()
         if self.host is None:

@@ -18,7 +18,8 @@ np = pytest.importorskip("numpy")  # a host dependency; this layer is skipped wi
 
 EXTRA_BLOCK = "output_blocks.2.1"  # in every test B-LoRA: a block no role may apply
 BLOCK_WEIGHTS = {"content": 0.7, "style": -0.4}  # the weights text the block-weights examples get (default 0)
-TRAIN_CHEAP = {"steps": 2, "resolution": 64, "rank": 4, "save_every": 0, "batch_size": 1}
+TRAIN_CHEAP = {"steps": 2, "resolution": 64, "rank": 4, "save_every": 0, "batch_size": 1, "grad_accumulation": 1,
+               "training_dtype": "fp32"}
 NO_TWIN = {"KLoRAFuse", "BLoRASchedule", "BLoRATrain", "BLoRAMerge"}  # model paths not expressible by stock nodes
 LATENT_ATOL = 1e-4  # saved latents are ~1e2 in size: 1e-6 relative
 
