@@ -82,10 +82,13 @@ def time_scale(pattern: str) -> TimeScale:
 
 def top_k_sum(delta: torch.Tensor, k: int) -> float:
     """Sum of the k largest |entries| of delta (all of them when k ≥ numel), in float64."""
-    flat = delta.detach().reshape(-1).abs().float()
-    if k >= flat.numel():
-        return float(flat.double().sum())
-    return float(torch.topk(flat, k, sorted=False).values.double().sum())
+    return _top_k(delta.detach().float().abs().reshape(-1), k)
+
+
+def _top_k(magnitudes: torch.Tensor, k: int) -> float:
+    if k >= magnitudes.numel():
+        return float(magnitudes.sum(dtype=torch.float64))
+    return float(torch.topk(magnitudes, k, sorted=False).values.sum(dtype=torch.float64))
 
 
 def fusion_k(rank_c: int, rank_s: int, delta: torch.Tensor) -> int:
@@ -162,15 +165,43 @@ def content_intervals(threshold: float, pattern: str) -> list[tuple[float, float
     return out
 
 
-def _layer(delta_c: torch.Tensor, delta_s: torch.Tensor, k: int) -> tuple[float, float, float, float]:
-    return top_k_sum(delta_c, k), top_k_sum(delta_s, k), float(delta_c.abs().double().sum()), \
-        float(delta_s.abs().double().sum())
+@dataclass(frozen=True)
+class LayerStats:
+    """What the rule needs of one layer: top-K sums and L1 norms of both deltas."""
+
+    top_c: float
+    top_s: float
+    l1_c: float
+    l1_s: float
+
+
+def layer_stats(delta_c: torch.Tensor, delta_s: torch.Tensor, rank_c: int, rank_s: int, path: str = "") -> LayerStats:
+    """Top-K sums (K = r_c · r_s) and L1 norms of one layer's two deltas (any dtype; math in float32/64)."""
+    if tuple(delta_c.shape) != tuple(delta_s.shape):
+        raise BLoRAError(f"K-LoRA: layer {path!r} has shape {tuple(delta_c.shape)} in the subject LoRA but "
+                         f"{tuple(delta_s.shape)} in the style LoRA (LoRAs for different models?)")
+    k = fusion_k(rank_c, rank_s, delta_c)
+    a_c, a_s = delta_c.detach().float().abs().reshape(-1), delta_s.detach().float().abs().reshape(-1)
+    return LayerStats(_top_k(a_c, k), _top_k(a_s, k), float(a_c.sum(dtype=torch.float64)),
+                      float(a_s.sum(dtype=torch.float64)))
 
 
 def _threshold(top_c: float, top_s: float, gamma: float) -> float:
     if top_s == 0.0:
         return math.inf if top_c > 0.0 else 0.0
     return top_c / (gamma * top_s)
+
+
+def plan_from_stats(stats: Mapping[str, LayerStats], subject_only: Sequence[str] = (),
+                    style_only: Sequence[str] = (), pattern: str = "s") -> FusionPlan:
+    """The K-LoRA selection from per-layer statistics (layers in both LoRAs): γ over the layers with two non-zero
+    deltas, then each layer's threshold R = S_c / (γ · S_s)."""
+    time_scale(pattern)
+    gamma = trimmed_gamma([st.l1_c / st.l1_s for st in stats.values() if st.l1_c > 0.0 and st.l1_s > 0.0])
+    fused = {p: FusedLayer(st.top_c, st.top_s, st.l1_c, st.l1_s, _threshold(st.top_c, st.top_s, gamma))
+             for p, st in stats.items()}
+    return FusionPlan(pattern=pattern, gamma=gamma, fused=fused, subject_only=tuple(subject_only),
+                      style_only=tuple(style_only))
 
 
 def plan_fusion(subject: Mapping[str, torch.Tensor], style: Mapping[str, torch.Tensor],
@@ -180,17 +211,6 @@ def plan_fusion(subject: Mapping[str, torch.Tensor], style: Mapping[str, torch.T
     ranks: path -> (r_c, r_s) for the layers in both (0 for full-rank kinds). Raises BLoRAError when a layer's
     two deltas differ in shape."""
     time_scale(pattern)
-    both = [p for p in subject if p in style]
-    stats = {}
-    for path in both:
-        dc, ds = subject[path], style[path]
-        if tuple(dc.shape) != tuple(ds.shape):
-            raise BLoRAError(f"K-LoRA: layer {path!r} has shape {tuple(dc.shape)} in the subject LoRA but "
-                             f"{tuple(ds.shape)} in the style LoRA (LoRAs for different models?)")
-        rc, rs = ranks.get(path, (0, 0))
-        stats[path] = _layer(dc, ds, fusion_k(rc, rs, dc))
-    gamma = trimmed_gamma([lc / ls for _, _, lc, ls in stats.values() if lc > 0.0 and ls > 0.0])
-    fused = {p: FusedLayer(tc, ts, lc, ls, _threshold(tc, ts, gamma)) for p, (tc, ts, lc, ls) in stats.items()}
-    return FusionPlan(pattern=pattern, gamma=gamma, fused=fused,
-                      subject_only=tuple(p for p in subject if p not in style),
-                      style_only=tuple(p for p in style if p not in subject))
+    stats = {p: layer_stats(subject[p], style[p], *ranks.get(p, (0, 0)), path=p) for p in subject if p in style}
+    return plan_from_stats(stats, [p for p in subject if p not in style], [p for p in style if p not in subject],
+                           pattern)

@@ -9,9 +9,11 @@ Mechanism (host APIs present in ComfyUI 0.3.64 and later):
   i/(n-1)). Its signals (a schedule's strength, K-LoRA's time scale S(p)) are evaluated once per model call.
 - Per-layer weight functions (``add_weight_wrapper``; the host runs them in ``comfy.ops`` on the layer's weight
   as cast for the forward) add a precomputed delta: ``ScaledDelta`` W + s(p)·D, ``SwitchedDelta`` W + ΔW_c or ΔW_s.
-  Deltas are computed once, with the host's own ``comfy.lora.calculate_weight`` (so DoRA and every adapter kind
-  behave as in an ordinary patch), kept in the weight dtype on the offload device, moved with the model
-  (``move_to``) and moved back when it is detached (an ``ON_DETACH`` callback).
+  Deltas (``LayerDelta``) are prepared once, in the weight dtype on the offload device: a plain LoRA as its factors
+  (scale·up, down), added with one ``addmm`` (on CPU about 3× cheaper than adding a dense delta, and ~100× less
+  memory); every other kind (DoRA, LoHa, LoKr, full diffs) as the dense difference the host's own
+  ``comfy.lora.calculate_weight`` makes, so it behaves exactly as an ordinary patch. They move with the model
+  (``move_to``) and back when it is detached (an ``ON_DETACH`` callback).
 - Only the scheduled / fused layers get a weight function; everything else is an ordinary patch or untouched.
   State lives in the objects registered on the clone (no module or class state); a new run (a new sigma
   schedule) resets it.
@@ -29,7 +31,7 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import ArchitectureError
-from ..fusion import FusionPlan, plan_fusion, time_scale
+from ..fusion import FusionPlan, layer_stats, plan_from_stats, time_scale
 from ..schedule import Schedule, is_constant, sampling_progress, strength_at
 from ..weights import role_parts
 from .patch import patched_clone
@@ -67,75 +69,106 @@ class ProgressTracker:
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
 
-class _DeltaFunction:
-    """Base of the weight functions: holds the deltas, casts them to the weight's device and dtype once."""
+class LayerDelta:
+    """One layer's weight delta: low-rank factors up (out, r) @ down (r, in) for a plain LoRA (cheap to add and
+    to keep), else dense (out, in, …) from the host's calculate_weight (DoRA, LoHa, LoKr, full diffs)."""
 
-    def __init__(self, tracker: ProgressTracker, signal: str, deltas: Sequence[torch.Tensor]):
-        self.tracker, self.signal, self.deltas = tracker, signal, list(deltas)
+    def __init__(self, dense: torch.Tensor | None = None, up: torch.Tensor | None = None,
+                 down: torch.Tensor | None = None):
+        self.tensors = [dense] if dense is not None else [up, down]
         self._cast: tuple[tuple, list[torch.Tensor]] | None = None
 
-    def _for(self, weight: torch.Tensor) -> list[torch.Tensor]:
+    def dense32(self) -> torch.Tensor:
+        """The delta as a dense float32 tensor (for statistics)."""
+        if len(self.tensors) == 1:
+            return self.tensors[0].float()
+        return self.tensors[0].float() @ self.tensors[1].float()
+
+    def prepared(self, scale: float, dtype: torch.dtype, device) -> "LayerDelta":
+        """scale · delta in ``dtype`` on ``device`` (the form kept for sampling)."""
+        first = self.tensors[0].float() * scale
+        return LayerDelta(*([first.to(device, dtype)] if len(self.tensors) == 1 else
+                            [None, first.to(device, dtype), self.tensors[1].to(device, dtype)]))
+
+    def add_to(self, weight: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """weight + alpha · delta, the delta cast to the weight's device and dtype (cached)."""
         key = (weight.device, weight.dtype)
         if self._cast is None or self._cast[0] != key:
-            self._cast = key, [d.to(device=weight.device, dtype=weight.dtype) for d in self.deltas]
-        return self._cast[1]
+            self._cast = key, [t.to(device=weight.device, dtype=weight.dtype) for t in self.tensors]
+        t = self._cast[1]
+        if len(t) == 1:
+            return torch.add(weight, t[0], alpha=alpha)
+        return torch.addmm(weight, t[0], t[1], alpha=alpha)
 
-    def move_to(self, device=None) -> int:
-        if device is not None:
-            self.deltas = [d.to(device) for d in self.deltas]
-            self._cast = None
-        return sum(d.numel() * d.element_size() for d in self.deltas)
+    def move_to(self, device) -> int:
+        self.tensors = [t.to(device) for t in self.tensors]
+        self._cast = None
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
-class ScaledDelta(_DeltaFunction):
-    """W + s·D, s the tracker's signal (a schedule's strength) at the current progress."""
+class ScaledDelta:
+    """Weight function W + s·D, s the tracker's signal (a schedule's strength) at the current progress."""
+
+    def __init__(self, tracker: ProgressTracker, signal: str, delta: LayerDelta):
+        self.tracker, self.signal, self.deltas = tracker, signal, [delta]
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         s = self.tracker.values[self.signal]
-        return weight if s == 0.0 else weight + s * self._for(weight)[0]
+        return weight if s == 0.0 else self.deltas[0].add_to(weight, s)
+
+    def move_to(self, device=None) -> int:
+        return sum(d.move_to(device) for d in self.deltas) if device is not None else 0
 
 
-class SwitchedDelta(_DeltaFunction):
-    """W + ΔW_c while the signal (K-LoRA's S(p)) is below the layer's threshold, else W + ΔW_s."""
+class SwitchedDelta(ScaledDelta):
+    """Weight function W + ΔW_c while the signal (K-LoRA's S(p)) is below the layer's threshold, else W + ΔW_s."""
 
-    def __init__(self, tracker: ProgressTracker, signal: str, threshold: float, content: torch.Tensor,
-                 style: torch.Tensor):
-        super().__init__(tracker, signal, [content, style])
+    def __init__(self, tracker: ProgressTracker, signal: str, threshold: float, content: LayerDelta,
+                 style: LayerDelta):
+        super().__init__(tracker, signal, content)
+        self.deltas.append(style)
         self.threshold = threshold
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        content, style = self._for(weight)
-        return weight + (content if self.tracker.values[self.signal] < self.threshold else style)
+        return self.deltas[0 if self.tracker.values[self.signal] < self.threshold else 1].add_to(weight)
 
 
 def _weight_key(path: str) -> str:
     return f"diffusion_model.{path}.weight"
 
 
-def _delta_dtype(model, base: torch.Tensor) -> torch.dtype:
+def _delta_dtype(model) -> torch.dtype:
     cast = getattr(model.model, "manual_cast_dtype", None)
-    return cast if cast is not None else (base.dtype if base.dtype in _FLOATS else torch.float16)
+    dtype = cast if cast is not None else model.model_dtype()
+    return dtype if dtype in _FLOATS else torch.float16
 
 
-def host_deltas(model, adapter: Adapter) -> dict[str, torch.Tensor]:
-    """path -> (host-patched weight at strength 1) − W for each UNet module of ``adapter``, computed with the
-    host's calculate_weight on the unpatched weight; in the weight (compute) dtype, on the offload device."""
-    probe = patched_clone(model, [(adapter, 1.0)])
-    originals = model.get_key_patches("diffusion_model.")
-    out = {}
-    for path in adapter.modules:
+def _plain_lora(module) -> bool:
+    t = module.tensors
+    return module.kind == "lora" and module.dora_scale is None and "mid" not in t and t["down"].ndim == 2
+
+
+def layer_deltas(model, adapter: Adapter) -> dict[str, LayerDelta]:
+    """path -> the delta each UNet module of ``adapter`` adds at strength 1 (float32): plain LoRAs as factors
+    (scale · up, down), the rest as (host-patched weight − W) computed with the host's calculate_weight on the
+    unpatched weight. Checks the adapter against the model (patched_clone's checks)."""
+    unet = {p: m for p, m in adapter.modules.items() if not p.startswith("te")}
+    probe = patched_clone(model, [(replace(adapter, modules=unet), 1.0)])
+    out = {p: LayerDelta(up=m.tensors["up"].float() * m.scale, down=m.tensors["down"].float())
+           for p, m in unet.items() if _plain_lora(m)}
+    others = [p for p in unet if p not in out]
+    originals = model.get_key_patches("diffusion_model.") if others else {}
+    for path in others:
         key = _weight_key(path)
         new = probe.patches.get(key, [])[len(model.patches.get(key, [])):]
-        if path.startswith("te") or not new:
-            continue
         base, convert = originals[key][0]
         w = convert(base.to(torch.float32, copy=True), inplace=True)
         patched = comfy.lora.calculate_weight(new, w.clone(), key, intermediate_dtype=torch.float32)
-        out[path] = (patched - w).to(device=model.offload_device, dtype=_delta_dtype(model, base))
+        out[path] = LayerDelta(dense=patched - w)
     return out
 
 
-def _attach(model, tracker: ProgressTracker, functions: Mapping[str, _DeltaFunction]):
+def _attach(model, tracker: ProgressTracker, functions: Mapping[str, ScaledDelta]):
     """Register the tracker and the per-layer functions on ``model`` (a clone) and return it."""
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, tracker.apply_model)
     offload = model.offload_device
@@ -157,10 +190,11 @@ def scheduled_clone(model, roles: Mapping[str, tuple[Adapter | None, Schedule]])
         return out
     tracker = ProgressTracker({role: partial(strength_at, sch) for role, (_, sch) in dynamic.items()})
     functions = {}
+    dtype = _delta_dtype(model)
     for role, (adapter, _) in dynamic.items():
         (part, _), = role_parts({role: (adapter, 1.0)})
-        for path, delta in host_deltas(model, part).items():
-            functions[path] = ScaledDelta(tracker, role, [delta])
+        for path, delta in layer_deltas(model, part).items():
+            functions[path] = ScaledDelta(tracker, role, delta.prepared(1.0, dtype, model.offload_device))
     log.info("B-LoRA schedule: %d layers follow a schedule (%s)", len(functions), ", ".join(dynamic))
     return _attach(out, tracker, functions)
 
@@ -186,16 +220,21 @@ def fused_clone(model, subject: Adapter, style: Adapter, subject_strength: float
     unet_c = [p for p in subject.modules if not p.startswith("te")]
     unet_s = [p for p in style.modules if not p.startswith("te")]
     both = [p for p in unet_c if p in style.modules]
-    delta_c = host_deltas(model, _unet_only(subject, both))
-    delta_s = host_deltas(model, _unet_only(style, both))
-    ranks = {p: (subject.modules[p].rank, style.modules[p].rank) for p in both}
-    plan = plan_fusion(delta_c, delta_s, ranks, pattern)
+    delta_c = layer_deltas(model, _unet_only(subject, both))
+    delta_s = layer_deltas(model, _unet_only(style, both))
+    stats = {p: layer_stats(delta_c[p].dense32(), delta_s[p].dense32(), subject.modules[p].rank,
+                            style.modules[p].rank, p) for p in both}
+    plan = plan_from_stats(stats, [p for p in unet_c if p not in style.modules],
+                           [p for p in unet_s if p not in subject.modules], pattern)
     singles = [(_unet_only(subject, [p for p in unet_c if p not in style.modules]), subject_strength),
                (_unet_only(style, [p for p in unet_s if p not in subject.modules]), style_strength)]
     out = patched_clone(model, [(a, s) for a, s in singles if a.modules])
     tracker = ProgressTracker({KLORA_SIGNAL: time_scale(pattern)})
-    functions = {p: SwitchedDelta(tracker, KLORA_SIGNAL, layer.threshold, subject_strength * delta_c[p],
-                                  style_strength * delta_s[p]) for p, layer in plan.fused.items()}
+    dtype, device = _delta_dtype(model), model.offload_device
+    functions = {p: SwitchedDelta(tracker, KLORA_SIGNAL, layer.threshold,
+                                  delta_c[p].prepared(subject_strength, dtype, device),
+                                  delta_s[p].prepared(style_strength, dtype, device))
+                 for p, layer in plan.fused.items()}
     log.info("K-LoRA (%s): %d fused layers, gamma %.4g, %d subject-only, %d style-only", pattern, len(functions),
              plan.gamma, len(plan.subject_only), len(plan.style_only))
     return _attach(out, tracker, functions), plan

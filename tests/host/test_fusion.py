@@ -162,3 +162,19 @@ def test_mismatched_shapes_and_foreign_loras_are_refused(tiny_model, fuse, loras
     with pytest.raises(ArchitectureError, match="sd15.safetensors.*does not exist in this model"):
         run(fuse, model=tiny_model, subject=foreign, style=style)
     assert not tiny_model.patches and not tiny_model.weight_wrapper_patches
+
+
+def test_dora_layers_are_fused_with_the_host_semantics(tiny_model, fuse):
+    from blora.host.patch import patched_clone
+
+    subject = make_lora(tiny_model, [STYLE], seed=41, dora=True, source="dora")
+    style = Adapter({p: ModuleAdapter("lora", {"down": m.tensors["down"], "up": torch.zeros_like(m.tensors["up"])},
+                                      alpha=m.alpha) for p, m in subject.modules.items()}, source="zero")
+    fused = run(fuse, model=tiny_model, subject=subject, style=style, subject_strength=0.7)
+    path = f"{STYLE}.transformer_blocks.0.attn1.to_k"
+    clone, rec = record(fused, path)
+    sample(clone, steps=3)
+    ref, rec_ref = record(patched_clone(tiny_model, [(subject, 0.7)]), path)
+    sample(ref, steps=1)
+    for got in rec.weights:  # the style delta is zero: the DoRA subject at every step, as the host patches it
+        torch.testing.assert_close(got, rec_ref.weights[0], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,206 @@
+"""K-LoRA Fuse against the direct merge of the same two LoRAs, measured side by side in one run.
+
+Two LoRAs (subject and style, rank 8 like the K-LoRA paper's, on every attention Linear of every SDXL attention
+block: to_q/k/v/out.0 of attn1 and attn2) are applied to the same model two ways:
+
+- direct merge: ``patched_clone(model, [(subject, 1), (style, 1)])``, ordinary static patches;
+- K-LoRA: ``fused_clone(model, subject, style, 1, 1, "s")``, per-layer weight functions that pick ΔW_c or ΔW_s
+  at every model call.
+
+Reported: the setup (K-LoRA's precompute of both deltas, top-K sums and thresholds, against the merge's patched
+clone + first patch_model), and the median seconds per sampling step once loaded (euler, cfg 2 so cond and uncond
+run as one batch), for the tiny SDXL test model (fp32) and a full-width SDXL UNet with random weights (bf16, the
+real unet_config) when memory allows. Times are CPU seconds of this process (steadier than wall time on a shared
+machine); one torch thread by default.
+
+Run: ``COMFYUI_PATH=/path/to/ComfyUI python bench/klora.py [--repeats N] [--steps N] [--tiny-only]``.
+Writes the table to bench/RESULTS-klora.txt. About 3 minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "RESULTS-klora.txt"
+BLOCKS = ("input_blocks.4.1", "input_blocks.5.1", "input_blocks.7.1", "input_blocks.8.1", "middle_block.1",
+          "output_blocks.0.1", "output_blocks.1.1", "output_blocks.2.1", "output_blocks.3.1", "output_blocks.4.1",
+          "output_blocks.5.1")
+FULL_MEMORY_GB = 13
+FULL_SDXL_EXTRA = {"image_size": 32, "use_checkpoint": False, "in_channels": 4, "out_channels": 4,
+                   "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "use_spatial_transformer": True,
+                   "legacy": False, "num_classes": "sequential", "num_head_channels": 64,
+                   "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+                   "use_temporal_attention": False, "use_temporal_resblock": False}
+_T0 = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    print(f"[{time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def clock() -> float:
+    """CPU seconds of this process: steadier than wall time on a shared machine."""
+    return time.process_time()
+
+
+def setup_host(threads: int) -> None:
+    """The host in-process on CPU, the pack's core importable as ``blora``."""
+    host = os.environ.get("COMFYUI_PATH")
+    if not host or not (Path(host) / "comfy").is_dir():
+        sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
+    sys.path[:0] = [host]
+    sys.path += [str(ROOT), str(ROOT / "tests")]
+    import torch
+
+    torch.set_num_threads(threads)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+
+
+def tiny_model():
+    from blora_testkit.tiny_sdxl import tiny_sdxl_model
+
+    return tiny_sdxl_model(seed=0)
+
+
+def full_sdxl_model(dtype):
+    """ModelPatcher around a full-width SDXL UNet (the real unet_config) with random weights, on CPU."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    config = comfy.supported_models.SDXL(dict(comfy.supported_models.SDXL.unet_config, **FULL_SDXL_EXTRA))
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({})
+    params = list(model.diffusion_model.named_parameters())
+    noise = torch.randn(max(p.numel() for _, p in params), generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():  # comfy ops skip initialisation
+        for name, p in params:
+            if p.ndim == 1:
+                p.fill_(1.0 if "norm" in name else 0.0)
+            else:
+                p.copy_(noise[:p.numel()].view(p.shape)).mul_(1.0 / p[0].numel() ** 0.5)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def step_times(model, latent_hw: int, context_dim: int, steps: int, cfg: float = 2.0) -> list[float]:
+    """CPU seconds of each sampling step after the first (the first includes loading and patching)."""
+    import comfy.sample
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 4, latent_hw, latent_hw, generator=gen)
+    cond = [[torch.randn(1, 77, context_dim, generator=gen),
+             {"pooled_output": torch.randn(1, 1280, generator=gen), "width": 8 * latent_hw,
+              "height": 8 * latent_hw}]]
+    stamps = []
+    with torch.inference_mode():
+        comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", cond, cond, torch.zeros_like(noise),
+                            callback=lambda *a: stamps.append(clock()), disable_pbar=True, seed=0)
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def lora(model, rank: int, seed: int, up_std: float):
+    """An Adapter with a LoRA on every attention Linear of every attention block of ``model``."""
+    import torch
+
+    from blora.adapter import Adapter, ModuleAdapter
+    from blora.host import model_weight_shapes
+
+    gen = torch.Generator().manual_seed(seed)
+    modules = {}
+    for path, shape in sorted(model_weight_shapes(model).items()):
+        if path.startswith(BLOCKS) and ".attn" in path and len(shape) == 2:
+            down = torch.randn(rank, shape[1], generator=gen) / shape[1] ** 0.5
+            modules[path] = ModuleAdapter("lora", {"down": down, "up": torch.randn(shape[0], rank, generator=gen)
+                                                   * up_std}, alpha=float(rank))
+    return Adapter(modules=modules, source=f"lora{seed}")
+
+
+def bench_model(label: str, model, context_dim: int, latent_hw: int, steps: int, repeats: int) -> dict:
+    from blora.host import patched_clone
+    from blora.host.dynamic import fused_clone
+
+    subject, style = lora(model, 8, 1, 0.02), lora(model, 8, 2, 0.03)
+    progress(f"{label}: {len(subject.modules)} layers in each LoRA; building the clones")
+    t0 = clock()
+    merged = patched_clone(model, [(subject, 1.0), (style, 1.0)])
+    merged.patch_model()
+    t1 = clock()
+    merged.unpatch_model()
+    t2 = clock()
+    fused, plan = fused_clone(model, subject, style, 1.0, 1.0, "s")
+    t3 = clock()
+    switches = sum(0 < at <= 1 for at in plan.switch_points().values())
+    times: dict[str, list[float]] = {"merge": [], "klora": []}
+    for i in range(repeats):
+        for name, clone in (("merge", merged), ("klora", fused)):
+            progress(f"{label}: sampling {name}, round {i + 1}/{repeats}")
+            times[name] += step_times(clone, latent_hw, context_dim, steps, cfg=2.0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"label": f"{label}, {steps} steps", "layers": len(plan.fused), "switches": switches, "setup_merge": t1 - t0,
+            "setup_klora": t3 - t2, "step_merge": med["merge"], "step_klora": med["klora"],
+            "ratio": med["klora"] / med["merge"]}
+
+
+def enough_memory() -> bool:
+    import psutil
+
+    return psutil.virtual_memory().available / 2 ** 30 >= FULL_MEMORY_GB
+
+
+def table(rows: list[dict], args) -> str:
+    import torch
+
+    head = (f"bench/klora.py  {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  {platform.machine()} CPU,"
+            f" {torch.get_num_threads()} thread(s); euler cfg 2, repeats {args.repeats}; "
+            f"LoRAs rank 8 on every attention Linear")
+    lines = [head, "", f"{'model':44} {'fused':>6} {'switch':>6} {'setup merge':>12} {'setup K-LoRA':>13} "
+                       f"{'step merge':>11} {'step K-LoRA':>12} {'ratio':>6}"]
+    for r in rows:
+        lines.append(f"{r['label']:44} {r['layers']:6d} {r['switches']:6d} {r['setup_merge']:11.2f}s "
+                     f"{r['setup_klora']:12.2f}s {r['step_merge']:10.3f}s {r['step_klora']:11.3f}s "
+                     f"{r['ratio']:6.2f}")
+    lines += ["", "fused: layers in both LoRAs (per-step selection); switch: layers that switch subject -> style "
+                  "inside the run;",
+              "setup merge: patched clone + first patch_model; setup K-LoRA: both deltas via the host's "
+              "calculate_weight, top-K sums, gamma, thresholds;",
+              "step: median CPU seconds per sampling step once loaded; ratio = K-LoRA / direct merge "
+              "(goal <= 1.3)."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tiny-only", action="store_true")
+    args = parser.parse_args()
+    setup_host(args.threads)
+    rows = [bench_model("tiny SDXL (fp32, latent 32x32)", tiny_model(), 64, 32, args.steps * 2, args.repeats)]
+    if args.tiny_only:
+        pass
+    elif enough_memory():
+        import torch
+
+        rows.append(bench_model("full SDXL UNet (bf16, latent 16x16)", full_sdxl_model(torch.bfloat16), 2048, 16,
+                                args.steps, args.repeats))
+    else:
+        progress(f"full SDXL skipped: less than {FULL_MEMORY_GB} GiB of free memory")
+    text = table(rows, args)
+    print(text)
+    RESULTS.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
