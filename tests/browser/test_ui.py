@@ -145,6 +145,11 @@ def test_train_chart_follows_the_run_and_survives_reload(ui_page, ui_server, bas
     fit_view(page, 0.9, node_ids=[int(chart["id"])])
     screenshot(page, DOCS / "train_chart.png", clip=graph_clip(page, 8, node_ids=[int(chart["id"])]))
     focus_mode(page, False)
+    # The finished run in the queue panel (it lists every UI output, the loss list included).
+    page.evaluate("app.extensionManager.command.execute('Workspace.ToggleSidebarTab.queue')")
+    page.wait_for_timeout(1000)
+    screenshot(page, ARTIFACTS / "train_queue_panel.png")
+    page.evaluate("app.extensionManager.command.execute('Workspace.ToggleSidebarTab.queue')")
     errors = unexplained(log.since(mark), baseline)
     assert not errors, _describe(errors)
 
@@ -217,10 +222,14 @@ def test_chart_and_map_helpers_in_page(ui_page):
       c.update({ step: 2, steps: 10, loss: 0.4, elapsed: 4 });
       const running = [c.rate, c.eta, c.summary()];
       c.update({ step: 1, steps: 5, loss: 0.3, elapsed: 1 });  // a new run whose start was missed
+      const restarted = [c.points.length, c.steps];
+      c.stop();  // the prompt failed or was cancelled
+      const stopped = [c.running, c.summary()];
+      c.finish([0.3, 0.2], 1.0);
       return {
         ema: chart.smooth(losses.map((v) => (v === null ? NaN : v)), 0.9),
         durations: [5, 65, 3723, -1].map(chart.formatDuration),
-        running, restarted: [c.points.length, c.steps],
+        running, restarted, stopped, finished: [c.running, c.stopped, c.summary()],
         slots: map.presentSlots(["OUT0", "output_blocks.1.1", "input_blocks.8.1", "bogus"]),
         ranks: [map.rankText([64, 4, 64]), map.rankText({ a: 8 }), map.rankText(16)],
         line: map.summaryText({ ranks: [64], alpha: [64], dialect: "kohya_ldm", kinds: ["lora"], dora: true,
@@ -236,6 +245,8 @@ def test_chart_and_map_helpers_in_page(ui_page):
     assert got["durations"] == ["0:05", "1:05", "1:02:03", "–"]
     assert got["running"] == [0.5, 16.0, "step 2/10 · 0.50 it/s · ETA 0:16 · loss 0.400 · ema 0.447"]
     assert got["restarted"] == [1, 5]
+    assert got["stopped"] == [False, "step 1/5 · 1.00 it/s · stopped · loss 0.300 · ema 0.300"]
+    assert got["finished"] == [False, False, "step 2/2 · 2.00 it/s · took 0:01 · loss 0.200 · ema 0.247"]
     assert got["slots"] == ["IN08", "OUT0", "OUT1"]
     assert got["ranks"] == ["4/64", "8", "16"]
     assert got["line"] == "rank 64 · alpha 64 · kohya_ldm · DoRA · 28.2M params"

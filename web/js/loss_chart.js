@@ -41,6 +41,7 @@ export class LossChart {
     this.elapsed = null; // seconds since the run started, as the server reported
     this.preview = null; // {filename, subfolder, type}
     this.running = false;
+    this.stopped = false; // the run ended without the node's output (error or cancel)
   }
 
   /** A run of this node started: forget the previous one. */
@@ -60,6 +61,13 @@ export class LossChart {
     if (preview) this.preview = preview;
   }
 
+  /** The prompt failed or was cancelled while this chart was live: keep the points, drop the ETA. */
+  stop() {
+    if (!this.running) return;
+    this.running = false;
+    this.stopped = true;
+  }
+
   /** The finished run from the node's UI output (`loss`: one float per step); keeps the live timing if any. */
   finish(losses, elapsed) {
     const sameRun = this.points.length === losses.length;
@@ -68,6 +76,7 @@ export class LossChart {
     if (Number.isFinite(elapsed)) this.elapsed = elapsed;
     else if (!sameRun) this.elapsed = null;
     this.running = false;
+    this.stopped = false;
   }
 
   get smoothed() {
@@ -97,6 +106,7 @@ export class LossChart {
     const parts = [`step ${this.lastStep}/${this.steps}`];
     if (this.rate) parts.push(`${this.rate.toFixed(2)} it/s`);
     if (this.running) parts.push(`ETA ${formatDuration(this.eta)}`);
+    else if (this.stopped) parts.push("stopped");
     else if (this.elapsed) parts.push(`took ${formatDuration(this.elapsed)}`);
     parts.push(`loss ${fmt(last)}`, `ema ${fmt(ema)}`);
     return parts.join(" · ");

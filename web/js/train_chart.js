@@ -78,12 +78,23 @@ function onExecuting({ detail }) {
   node.bloraChartView.render();
 }
 
+/** An error or a cancel ends the prompt without our node's output: live charts stop their ETA. */
+function onStopped() {
+  for (const node of app.graph?.nodes ?? []) {
+    if (node.comfyClass !== NODE_TYPE || !node.bloraChart?.running) continue;
+    node.bloraChart.stop();
+    node.bloraChartView.render();
+  }
+}
+
 app.registerExtension({
   name: "blora.train_chart",
 
   setup() {
     api.addEventListener(PROGRESS_EVENT, onProgress);
     api.addEventListener("executing", onExecuting);
+    api.addEventListener("execution_error", onStopped);
+    api.addEventListener("execution_interrupted", onStopped);
   },
 
   beforeRegisterNodeDef(nodeType, nodeData) {
