@@ -1,0 +1,325 @@
+"""Apply B-LoRA and B-LoRA Block Weights in the real host: patched weights against the textbook formula for every
+dialect, samples against stock LoraLoaderModelOnly, and the base model left untouched."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blora_testkit.dialects import (CONTENT, LAYOUT, STYLE, TINY_ATTN_SHAPES, blora_shapes, factors,
+                                    make_state_dict, reference_deltas)
+from blora_testkit.nodes import model_state, patched_weights, run_node, tiny_sample, write_lora
+
+RANK, ALPHA = 4, 2.0
+
+
+def assert_rel_close(actual, expected, rtol=1e-6, what=""):
+    """max |actual - expected| <= rtol · max |expected| (fp32 compute, the host's order of operations)."""
+    err = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    assert err <= rtol * scale, f"{what}: max error {err:.3g} > {rtol:g} x {scale:.3g}"
+
+
+def in_block(path, block):
+    return path.startswith(block + ".")
+
+
+@pytest.fixture
+def nodes(pack):
+    return pack.nodes
+
+
+def load(nodes, name):
+    (adapter, _trigger, _summary), _ui = run_node(nodes.load.BLoRALoader, lora_name=name)
+    return adapter
+
+
+def apply(nodes, model, content=None, style=None, layout=None, c=1.0, s=1.0, lay=1.0, mode="linear"):
+    inputs = dict(model=model, content_strength=c, style_strength=s, layout_strength=lay, strength_mode=mode)
+    inputs.update({k: v for k, v in (("content", content), ("style", style), ("layout", layout)) if v is not None})
+    (patched,), _ui = run_node(nodes.apply.BLoRAApply, **inputs)
+    return patched
+
+
+def check_weights(base, patched, deltas_by_block):
+    """Weights in each listed block = base + its delta; every other weight bit-identical to the base."""
+    touched = 0
+    for path, w in patched.items():
+        for block, (deltas, strength) in deltas_by_block.items():
+            if in_block(path, block) and path in deltas:
+                assert_rel_close(w, base[path] + strength * deltas[path], what=path)
+                touched += 1
+                break
+        else:
+            assert torch.equal(w, base[path]), f"{path} changed"
+    assert touched == sum(1 for p in TINY_ATTN_SHAPES for b in deltas_by_block if in_block(p, b))
+
+
+def base_weights(model):
+    return {k[len("diffusion_model."):-len(".weight")]: v.clone() for k, v in model.model.state_dict().items()
+            if k.startswith("diffusion_model.") and k.endswith(".weight")}
+
+
+PLAIN_CASES = [  # (file dialect, kind): every dialect the reader knows, each with all 11 blocks in the file
+    ("diffusers", "lora"), ("diffusers_doubled", "lora"), ("peft", "lora"), ("peft_base_model", "lora"),
+    ("kohya", "lora"), ("kohya_diffusers", "lora"), ("comfy", "lora"), ("lycoris", "lokr"), ("lycoris", "loha"),
+]
+
+
+@pytest.mark.parametrize("dialect,kind", PLAIN_CASES, ids=[f"{d}-{k}" for d, k in PLAIN_CASES])
+def test_every_dialect_patches_exactly_content_and_style(nodes, host_dirs, tiny_model, dialect, kind):
+    sd = make_state_dict(dialect, TINY_ATTN_SHAPES, rank=RANK, seed=3, alpha=ALPHA, kind=kind)
+    write_lora(host_dirs / "models" / "loras", "all_blocks.safetensors", sd)
+    deltas = reference_deltas(TINY_ATTN_SHAPES, rank=RANK, seed=3, alpha=ALPHA, kind=kind)
+    base = base_weights(tiny_model)
+    adapter = load(nodes, "all_blocks.safetensors")
+    patched = apply(nodes, tiny_model, content=adapter, style=adapter, c=0.8, s=-0.6)
+    check_weights(base, patched_weights(patched), {CONTENT: (deltas, 0.8), STYLE: (deltas, -0.6)})
+    assert torch.equal(base_weights(tiny_model)[f"{CONTENT}.transformer_blocks.0.attn1.to_q"],
+                       base[f"{CONTENT}.transformer_blocks.0.attn1.to_q"])
+
+
+def dora_reference(weight, delta, scale_tensor, strength):
+    """DoRA as ComfyUI renders it (comfy/weight_adapter/base.py weight_decompose): input-axis scales normalise the
+    adapted weight per column; output-axis scales normalise by the un-adapted weight per row (the host's way)."""
+    w, adapted = weight.float(), weight.float() + delta
+    if scale_tensor.shape[0] == w.shape[0]:
+        norm = w.norm(dim=1, keepdim=True)
+    else:
+        norm = adapted.norm(dim=0, keepdim=True)
+    norm = norm + torch.finfo(torch.float32).eps
+    target = adapted * (scale_tensor.float() / norm)
+    return w + strength * (target - w)
+
+
+@pytest.mark.parametrize("dialect", ["kohya", "peft"])
+def test_dora_files_render_as_the_host_renders_dora(nodes, host_dirs, tiny_model, dialect):
+    shapes = blora_shapes(TINY_ATTN_SHAPES)
+    sd = make_state_dict(dialect, shapes, rank=RANK, seed=5, alpha=None if dialect == "peft" else ALPHA, dora=True)
+    write_lora(host_dirs / "models" / "loras", "dora.safetensors", sd)
+    alpha = None if dialect == "peft" else ALPHA
+    deltas = reference_deltas(shapes, rank=RANK, seed=5, alpha=alpha)
+    f = factors(shapes, RANK, 5, dora=True)
+    base = base_weights(tiny_model)
+    adapter = load(nodes, "dora.safetensors")
+    got = patched_weights(apply(nodes, tiny_model, content=adapter, style=adapter, c=0.7, s=1.0))
+    for path in shapes:
+        strength = 0.7 if in_block(path, CONTENT) else 1.0
+        scale = f[path]["dora_out"].reshape(-1, 1) if dialect == "peft" else f[path]["dora_in"].reshape(1, -1)
+        assert_rel_close(got[path], dora_reference(base[path], deltas[path], scale, strength), rtol=2e-6, what=path)
+
+
+def stock_patched(model, *files_and_strengths):
+    """LoraLoaderModelOnly from the host's own nodes.py, chained once per (kohya file name, strength)."""
+    import nodes as host_nodes
+
+    for name, strength in files_and_strengths:
+        model = host_nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, strength)[0]
+    return model
+
+
+def test_original_dialect_samples_identical_to_stock_lora_loader(nodes, host_dirs, tiny_model):
+    """Headline: an original B-LoRA file (content + style) applied with two strengths gives bit-identical weights
+    and samples to stock LoraLoaderModelOnly on kohya files holding the same blocks, at the same strengths."""
+    loras = host_dirs / "models" / "loras"
+    write_lora(loras, "original.safetensors", make_state_dict("diffusers", blora_shapes(TINY_ATTN_SHAPES), RANK, 7))
+    for name, block in (("content_kohya.safetensors", CONTENT), ("style_kohya.safetensors", STYLE)):
+        shapes = {p: s for p, s in TINY_ATTN_SHAPES.items() if in_block(p, block)}
+        part = {k: v for k, v in make_state_dict("kohya", blora_shapes(TINY_ATTN_SHAPES), RANK, 7).items()
+                if k.startswith(tuple("lora_unet_" + p.replace(".", "_") + "." for p in shapes))}
+        write_lora(loras, name, part)
+    before, base_sample = model_state(tiny_model), tiny_sample(tiny_model)
+    adapter = load(nodes, "original.safetensors")
+    ours = apply(nodes, tiny_model, content=adapter, style=adapter, c=0.7, s=1.3)
+    stock = stock_patched(tiny_model, ("content_kohya.safetensors", 0.7), ("style_kohya.safetensors", 1.3))
+    w_ours, w_stock = patched_weights(ours), patched_weights(stock)
+    assert w_ours.keys() == w_stock.keys()
+    assert all(torch.equal(w_ours[k], w_stock[k]) for k in w_ours)
+    sample_ours, sample_stock = tiny_sample(ours), tiny_sample(stock)
+    assert torch.equal(sample_ours, sample_stock)
+    assert not torch.equal(sample_ours, base_sample)  # the B-LoRA does change the image
+    after = model_state(tiny_model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(tiny_sample(tiny_model), base_sample)
+
+
+def test_dora_samples_identical_to_stock_on_the_same_kohya_file(nodes, host_dirs, tiny_model):
+    loras = host_dirs / "models" / "loras"
+    content_only = {p: s for p, s in TINY_ATTN_SHAPES.items() if in_block(p, CONTENT)}
+    write_lora(loras, "dora_content.safetensors", make_state_dict("kohya", content_only, RANK, 9, ALPHA, dora=True))
+    adapter = load(nodes, "dora_content.safetensors")
+    ours = apply(nodes, tiny_model, content=adapter, c=0.9)
+    stock = stock_patched(tiny_model, ("dora_content.safetensors", 0.9))
+    w_ours, w_stock = patched_weights(ours), patched_weights(stock)
+    assert all(torch.equal(w_ours[k], w_stock[k]) for k in w_ours)
+    assert torch.equal(tiny_sample(ours), tiny_sample(stock))
+
+
+def test_content_from_one_file_style_from_another(nodes, host_dirs, tiny_model):
+    loras = host_dirs / "models" / "loras"
+    write_lora(loras, "a.safetensors", make_state_dict("diffusers", TINY_ATTN_SHAPES, RANK, 11))
+    write_lora(loras, "b.safetensors", make_state_dict("kohya", TINY_ATTN_SHAPES, RANK, 12, ALPHA))
+    da = reference_deltas(TINY_ATTN_SHAPES, RANK, 11)
+    db = reference_deltas(TINY_ATTN_SHAPES, RANK, 12, ALPHA)
+    base = base_weights(tiny_model)
+    patched = apply(nodes, tiny_model, content=load(nodes, "a.safetensors"), style=load(nodes, "b.safetensors"),
+                    layout=load(nodes, "a.safetensors"), c=1.0, s=0.5, lay=-0.25)
+    check_weights(base, patched_weights(patched), {CONTENT: (da, 1.0), STYLE: (db, 0.5), LAYOUT: (da, -0.25)})
+
+
+def test_alpha_squared_mode_squares_the_strength_keeping_its_sign(nodes, host_dirs, tiny_model):
+    write_lora(host_dirs / "models" / "loras", "k.safetensors", make_state_dict("kohya", TINY_ATTN_SHAPES, RANK, 4))
+    deltas = reference_deltas(TINY_ATTN_SHAPES, RANK, 4)
+    base = base_weights(tiny_model)
+    adapter = load(nodes, "k.safetensors")
+    patched = apply(nodes, tiny_model, content=adapter, style=adapter, c=1.1, s=-0.5, mode="alpha_squared")
+    check_weights(base, patched_weights(patched), {CONTENT: (deltas, 1.21), STYLE: (deltas, -0.25)})
+
+
+def test_zero_strength_and_no_input_leave_weights_alone(nodes, host_dirs, tiny_model):
+    write_lora(host_dirs / "models" / "loras", "k.safetensors", make_state_dict("kohya", TINY_ATTN_SHAPES, RANK, 4))
+    deltas = reference_deltas(TINY_ATTN_SHAPES, RANK, 4)
+    base = base_weights(tiny_model)
+    adapter = load(nodes, "k.safetensors")
+    patched = apply(nodes, tiny_model, content=adapter, style=adapter, c=0.0, s=2.0)
+    check_weights(base, patched_weights(patched), {STYLE: (deltas, 2.0)})
+    untouched = apply(nodes, tiny_model)
+    assert untouched is not tiny_model and not untouched.patches
+    assert all(torch.equal(w, base[p]) for p, w in patched_weights(untouched).items())
+
+
+def test_apply_stacks_on_an_already_patched_model(nodes, host_dirs, tiny_model):
+    write_lora(host_dirs / "models" / "loras", "k.safetensors", make_state_dict("kohya", TINY_ATTN_SHAPES, RANK, 4))
+    deltas = reference_deltas(TINY_ATTN_SHAPES, RANK, 4)
+    base = base_weights(tiny_model)
+    adapter = load(nodes, "k.safetensors")
+    once = apply(nodes, tiny_model, content=adapter, c=0.5)
+    twice = apply(nodes, once, style=adapter, s=0.25)
+    check_weights(base, patched_weights(twice), {CONTENT: (deltas, 0.5), STYLE: (deltas, 0.25)})
+    check_weights(base, patched_weights(once), {CONTENT: (deltas, 0.5)})
+
+
+def test_block_weights_node_applies_the_most_specific_strength(nodes, host_dirs, tiny_model):
+    write_lora(host_dirs / "models" / "loras", "all.safetensors",
+               make_state_dict("comfy", TINY_ATTN_SHAPES, RANK, 13, ALPHA))
+    deltas = reference_deltas(TINY_ATTN_SHAPES, RANK, 13, ALPHA)
+    base = base_weights(tiny_model)
+    text = ("content=0.5\n"
+            "style=2, OUT1.transformer_blocks.0.attn2=-1   # style's cross-attention reversed\n"
+            "up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k=0\n"
+            "IN08=0.25, default=0")
+    (patched,), _ = run_node(nodes.apply.BLoRABlockWeights, model=tiny_model, blora=load(nodes, "all.safetensors"),
+                             weights=text)
+    got = patched_weights(patched)
+    expected_strength = {CONTENT: 0.5, LAYOUT: 0.25}
+    for path, w in got.items():
+        block = next((b for b in (CONTENT, STYLE, LAYOUT) if in_block(path, b)), None)
+        if path not in deltas or block is None:
+            assert torch.equal(w, base[path]), path
+            continue
+        if block == STYLE:
+            s = 0.0 if path.endswith("attn2.to_k") else -1.0 if ".attn2." in path else 2.0
+        else:
+            s = expected_strength[block]
+        if s == 0.0:
+            assert torch.equal(w, base[path]), path
+        else:
+            assert_rel_close(w, base[path] + s * deltas[path], what=path)
+    assert sum(1 for v in patched.patches.values() for _ in v) == 3 * 8 - 1  # default=0 blocks not patched
+
+
+def test_block_weights_default_is_one_for_every_module(nodes, host_dirs, tiny_model):
+    write_lora(host_dirs / "models" / "loras", "all.safetensors",
+               make_state_dict("kohya", TINY_ATTN_SHAPES, RANK, 14, ALPHA))
+    deltas = reference_deltas(TINY_ATTN_SHAPES, RANK, 14, ALPHA)
+    base = base_weights(tiny_model)
+    (patched,), _ = run_node(nodes.apply.BLoRABlockWeights, model=tiny_model, blora=load(nodes, "all.safetensors"),
+                             weights="# everything at 1\n")
+    got = patched_weights(patched)
+    for path in TINY_ATTN_SHAPES:
+        assert_rel_close(got[path], base[path] + deltas[path], what=path)
+
+
+def test_text_encoder_modules_are_ignored_with_a_log_line(nodes, host_dirs, tiny_model, caplog):
+    shapes = dict(blora_shapes(TINY_ATTN_SHAPES))
+    shapes["te1:text_model.encoder.layers.0.self_attn.q_proj"] = (768, 768)
+    write_lora(host_dirs / "models" / "loras", "te.safetensors", make_state_dict("kohya", shapes, RANK, 2, ALPHA))
+    adapter = load(nodes, "te.safetensors")
+    caplog.set_level("INFO")
+    (patched,), _ = run_node(nodes.apply.BLoRABlockWeights, model=tiny_model, blora=adapter, weights="")
+    assert len(patched.patches) == len(blora_shapes(TINY_ATTN_SHAPES))
+    assert "1 text-encoder modules ignored" in caplog.text and "te.safetensors" in caplog.text
+
+
+def test_apply_returns_a_clone_and_never_patches_its_input(nodes, host_dirs, tiny_model):
+    write_lora(host_dirs / "models" / "loras", "k.safetensors", make_state_dict("kohya", TINY_ATTN_SHAPES, RANK, 4))
+    adapter = load(nodes, "k.safetensors")
+    patched = apply(nodes, tiny_model, content=adapter, style=adapter, layout=adapter)
+    assert patched is not tiny_model and patched.model is tiny_model.model
+    assert not tiny_model.patches and len(patched.patches) == 3 * 8
+    assert patched.patches_uuid != tiny_model.patches_uuid
+
+
+# --- example workflows: UI format and API twin say the same thing, in the front-end's widget order -----------
+
+def _widget_names(input_types: dict) -> list[str]:
+    """Widget inputs in the order the front-end assigns widgets_values (required, then optional), with the
+    extra control_after_generate value after a seed."""
+    names = []
+    for section in ("required", "optional"):
+        for name, spec in input_types.get(section, {}).items():
+            kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                names.append(name)
+                if opts.get("control_after_generate"):
+                    names.append("control_after_generate")
+    return names
+
+
+def _input_types(nodes, node_type):
+    import nodes as host_nodes
+
+    ours = {cls.GET_SCHEMA().node_id: cls for cls in nodes.NODES}
+    cls = ours.get(node_type) or host_nodes.NODE_CLASS_MAPPINGS[node_type]
+    return cls.INPUT_TYPES()
+
+
+EXAMPLES = ["style_transfer", "text_stylization", "consistent_style", "block_weights"]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_workflow_ui_and_api_twins_agree(nodes, name):
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "example_workflows"
+    ui = json.loads((root / f"{name}.json").read_text())
+    api = json.loads((root / "api" / f"{name}.json").read_text())
+    assert ui["version"] == 0.4 and set(api) == {str(n["id"]) for n in ui["nodes"]}
+    assert all(k.isdigit() for k in api)
+    checkpoints = [n for n in api.values() if n["class_type"] == "CheckpointLoaderSimple"]
+    assert [c["inputs"]["ckpt_name"] for c in checkpoints] == ["sd_xl_base_1.0.safetensors"]
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    for node in ui["nodes"]:
+        twin = api[str(node["id"])]
+        assert twin["class_type"] == node["type"]
+        types = _input_types(nodes, node["type"])
+        names = _widget_names(types)
+        assert len(names) == len(node["widgets_values"]), node["type"]
+        for widget, value in zip(names, node["widgets_values"]):
+            if widget != "control_after_generate":
+                assert twin["inputs"][widget] == value, (node["type"], widget)
+                spec = {**types.get("required", {}), **types.get("optional", {})}[widget]
+                options = spec[0] if isinstance(spec[0], list) else spec[1].get("options")
+                if options and widget not in ("ckpt_name", "lora_name"):
+                    assert value in options, (node["type"], widget, value)
+        linked = {i["name"] for i in node["inputs"] if i.get("link") is not None}
+        required = set(types.get("required", {})) - set(names)
+        assert required <= linked, (node["type"], required - linked)
+    for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        name = by_id[dst]["inputs"][dst_slot]["name"]
+        assert by_id[dst]["inputs"][dst_slot]["link"] == link_id
+        assert link_id in by_id[src]["outputs"][src_slot]["links"]
+        assert by_id[src]["outputs"][src_slot]["type"] == kind
+        assert api[str(dst)]["inputs"][name] == [str(src), src_slot]
+    api_links = sum(1 for n in api.values() for v in n["inputs"].values() if isinstance(v, list))
+    assert api_links == len(ui["links"])
