@@ -250,3 +250,38 @@ def test_chart_and_map_helpers_in_page(ui_page):
     assert got["slots"] == ["IN08", "OUT0", "OUT1"]
     assert got["ranks"] == ["4/64", "8", "16"]
     assert got["line"] == "rank 64 · alpha 64 · kohya_ldm · DoRA · 28.2M params"
+
+
+def test_progress_event_with_preview_draws_it(ui_page, ui_server, baseline):
+    """A progress message that carries a preview ({filename, subfolder, type}) shows that image on the node,
+    loaded through this server's /view; a message for another node changes nothing."""
+    from ui_kit import sample_image
+
+    page, log = ui_page
+    sample_image(ui_server.input_dir / "blora_preview_probe.png", seed=7, size=64)
+    mark = log.mark()
+    state = page.evaluate("""async () => {
+      const api = window.comfyAPI.api.api;
+      const node = LiteGraph.createNode("BLoRATrain");
+      app.graph.add(node);
+      const preview = { filename: "blora_preview_probe.png", subfolder: "", type: "input" };
+      api.dispatchCustomEvent("executing", String(node.id));
+      for (let step = 1; step <= 3; step++)
+        api.dispatchCustomEvent("blora.train.progress", { node: String(node.id), step, steps: 10, loss: 1 / step,
+                                                          elapsed: step * 0.5, ...(step === 3 ? { preview } : {}) });
+      api.dispatchCustomEvent("blora.train.progress", { node: "999999", step: 1, steps: 1, loss: 5, elapsed: 1 });
+      const img = node.bloraChartView.image;
+      await new Promise((resolve) => { if (img.complete && img.naturalWidth) resolve(); else img.onload = resolve;
+                                      setTimeout(resolve, 5000); });
+      const out = { points: node.bloraChart.points.length, running: node.bloraChart.running,
+                    summary: node.bloraChart.summary(), width: img.naturalWidth, src: img.src,
+                    shown: img.style.display };
+      app.graph.remove(node);
+      return out;
+    }""")
+    assert state["points"] == 3 and state["running"], state
+    assert state["summary"].startswith("step 3/10 · 2.00 it/s · ETA 0:04"), state
+    assert state["width"] == 64 and state["shown"] == "block", state
+    assert state["src"].startswith(ui_server.url + "/api/view?") and "blora_preview_probe.png" in state["src"]
+    errors = unexplained(log.since(mark), baseline)
+    assert not errors, _describe(errors)
