@@ -3,8 +3,8 @@
 IMAGE tensors in ComfyUI are (B, H, W, C) float in [0, 1]. Odd inputs are handled so:
 - channels: 1 (grayscale) is repeated to RGB, 3 is kept, 4 (RGBA) drops alpha as the host's image loader does;
   any other count is refused;
-- integer tensors are scaled by their range (uint8: 255; wider integers hold 16-bit data: 65535); float values a little outside [0, 1]
-  are clamped, values far outside are refused (likely 0-255 data);
+- integer tensors are scaled by their range (uint8: 255; wider integers hold 16-bit data: 65535); float values a
+  little outside [0, 1] are clamped, values far outside are refused (likely 0-255 data);
 - size: each image is resized on its own so its short side is ``resolution`` (aspect kept), each side rounded to
   a multiple of ``multiple`` (the latent grid), with antialiasing; no crop.
 """

@@ -97,7 +97,8 @@ class TrainConfig:
             _at_least("weight_decay", self.weight_decay, 0.0), _at_least("steps", self.steps, 1),
             _at_least("batch_size", self.batch_size, 1), _at_least("grad_accumulation", self.grad_accumulation, 1),
             _at_least("resolution", self.resolution, 64), _at_least("seed", self.seed, 0),
-            _choice("training_dtype", self.training_dtype, TRAINING_DTYPES), _at_least("save_every", self.save_every, 0),
+            _choice("training_dtype", self.training_dtype, TRAINING_DTYPES),
+            _at_least("save_every", self.save_every, 0),
             _positive("eps", self.eps), _at_least("max_grad_norm", self.max_grad_norm, 0.0),
         ]
         if self.blocks == "custom" and not self.layer_filter.strip():

@@ -1,2 +1,98 @@
-"""Placeholder: filled by the topic owner."""
-NODES: list = []
+"""Train B-LoRA: train one image (or a few) into content and style blocks, in the graph, on the host's patcher."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..blora.files import read_adapter
+from ..blora.host.train import train_blora
+from ..blora.host.train_save import register_output_loras
+from ..blora.training import ALGORITHMS, BLOCK_PRESETS, OPTIMIZERS, TRAINING_DTYPES, TrainConfig
+from .folders import adapter_files, adapter_path
+from .types import BLoRA
+
+NO_RESUME = "none"
+
+
+def _inputs() -> list:
+    d = TrainConfig()
+    return [
+        io.Model.Input("model", tooltip="SDXL model to train on; it is never modified (the output is a clone)."),
+        io.Vae.Input("vae", tooltip="VAE that encodes the training images (once, before the first step)."),
+        io.Image.Input("images", tooltip="Training image(s). One image is the B-LoRA default; several are allowed."),
+        io.Conditioning.Input("positive", tooltip="Prompt, e.g. 'A [v]' with a rare token: one conditioning for "
+                                                  "all images, or one per image."),
+        io.Combo.Input("blocks", options=list(BLOCK_PRESETS), default=d.blocks,
+                       tooltip="Attention blocks that get adapters: content output_blocks.0.1, style "
+                               "output_blocks.1.1, layout input_blocks.8.1; custom: those layer_filter selects."),
+        io.String.Input("layer_filter", default=d.layer_filter,
+                        tooltip="Regex over module paths such as output_blocks.1.1.transformer_blocks.0.attn2.to_k. "
+                                "With custom it selects the Linear layers; otherwise it narrows the preset."),
+        io.Int.Input("rank", default=d.rank, min=1, max=1024, tooltip="LoRA rank (the paper: 64)."),
+        io.Float.Input("alpha", default=d.alpha, min=0.01, max=4096.0, step=0.5,
+                       tooltip="LoRA alpha; scale alpha/rank (alpha/sqrt(rank) with rslora). The paper: alpha = rank."),
+        io.Combo.Input("algorithm", options=list(ALGORITHMS), default=d.algorithm,
+                       tooltip="LoRA, or DoRA (adds a magnitude per input column; saved as a (1, in) dora_scale "
+                               "that stock ComfyUI renders exactly)."),
+        io.Boolean.Input("rslora", default=d.rslora,
+                         tooltip="Rank-stabilised scale alpha/sqrt(rank); the file stores alpha*sqrt(rank)."),
+        io.Float.Input("learning_rate", default=d.learning_rate, min=1e-7, max=1.0, step=1e-6, round=False,
+                       tooltip="Constant learning rate (the paper: 5e-5)."),
+        io.Float.Input("loraplus_ratio", default=d.loraplus_ratio, min=0.01, max=64.0, step=0.5,
+                       tooltip="LoRA+: the up matrices learn this many times faster (1 = off; the LoRA+ paper "
+                               "suggests 16)."),
+        io.Combo.Input("optimizer", options=list(OPTIMIZERS), default=d.optimizer,
+                       tooltip="AdamW (betas 0.9/0.999, eps 1e-8, the paper's) or plain SGD."),
+        io.Float.Input("weight_decay", default=d.weight_decay, min=0.0, max=1.0, step=1e-5, round=False,
+                       tooltip="Weight decay of the adapter parameters (the paper: 1e-4)."),
+        io.Int.Input("steps", default=d.steps, min=1, max=100000, tooltip="Optimizer steps (the paper: 1000)."),
+        io.Int.Input("batch_size", default=d.batch_size, min=1, max=64,
+                     tooltip="Images per micro-batch (with several sizes of image, keep 1)."),
+        io.Int.Input("grad_accumulation", default=d.grad_accumulation, min=1, max=1024,
+                     tooltip="Micro-batches summed into each optimizer step."),
+        io.Int.Input("resolution", default=d.resolution, min=64, max=4096, step=8,
+                     tooltip="Short side of the training images in pixels (aspect kept, no crop)."),
+        io.Boolean.Input("flip", default=d.flip, tooltip="Mirror images horizontally at random (augmentation)."),
+        io.Int.Input("seed", default=d.seed, min=0, max=0xFFFFFFFFFFFFFFFF,
+                     tooltip="Seed of the adapter initialisation, timesteps and noise: same seed, same weights."),
+        io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default=d.training_dtype,
+                       tooltip="Compute dtype of the forward and backward (adapter weights stay float32)."),
+        io.Boolean.Input("gradient_checkpointing", default=d.gradient_checkpointing,
+                         tooltip="Recompute activations of the trained part in backward: less memory, slower."),
+        io.Int.Input("save_every", default=d.save_every, min=0, max=100000,
+                     tooltip="Write a checkpoint file every this many steps (0: only the final file)."),
+        io.String.Input("filename_prefix", default="blora/blora",
+                        tooltip="Name of the file written to output/loras/ (a counter is added; subfolders allowed)."),
+        io.Combo.Input("resume_from", options=[NO_RESUME] + adapter_files(), default=NO_RESUME, optional=True,
+                       tooltip="Continue training a B-LoRA this node wrote (same blocks, rank, alpha, algorithm); "
+                               "its steps add up in the new file."),
+    ]
+
+
+class BLoRATrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        register_output_loras()  # trained files (output/loras) are listed for resume_from and stock LoraLoader
+        return io.Schema(
+            node_id="BLoRATrain", display_name="Train B-LoRA", category="B-LoRA/train",
+            description="Train a B-LoRA from one image: LoRA adapters on the attention layers of the content and "
+                        "style blocks (the paper's recipe by default), saved to output/loras/ in the kohya "
+                        "format. Returns the model with the trained B-LoRA applied, and the B-LoRA.",
+            inputs=_inputs(),
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The input model with the trained B-LoRA at "
+                                                                   "strength 1."),
+                     BLoRA.Output(display_name="BLORA", tooltip="The trained B-LoRA (for Apply B-LoRA and the "
+                                                                "other B-LoRA nodes).")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True)
+
+    @classmethod
+    def execute(cls, model, vae, images, positive, filename_prefix: str, resume_from: str | None = None,
+                **settings) -> io.NodeOutput:
+        config = TrainConfig(**settings)
+        resume = None if resume_from in (None, "", NO_RESUME) else read_adapter(adapter_path(resume_from))
+        out = train_blora(model, vae, images, positive, config, filename_prefix=filename_prefix, resume=resume,
+                          node_id=cls.hidden.unique_id)
+        return io.NodeOutput(out.model, out.adapter, ui={"loss": out.losses, "elapsed": [out.elapsed]})
+
+
+NODES = [BLoRATrain]

@@ -1,0 +1,240 @@
+"""Train B-LoRA against stock ComfyUI ``TrainLoraNode``, side by side in one run, each run in its own process.
+
+(a) the tiny SDXL-architecture test model, fp32 on the CPU, same steps, rank, batch, learning rate and gradient
+    checkpointing for both; (b) a full-width SDXL UNet with random weights (the real SDXL unet_config) at 512 px,
+    bf16, a few steps. Both nodes get the same image (stock: its latent from the same VAE) and conditioning; the
+    weights are made under ``torch.inference_mode()`` as a checkpoint loader node makes them.
+
+Step time: the median interval between consecutive step ends inside one run (ours: the host ProgressBar hook;
+stock: its loss callback), so set-up (VAE encode, model load, saving) is not counted; wall time and process CPU
+time (torch on ``--threads`` threads; CPU time is the steadier figure on a shared machine); median over repeats.
+Peak memory: the process's peak RSS during the run (VmHWM reset through /proc/self/clear_refs just before it)
+minus the RSS before it, i.e. what training itself adds, and the absolute peak.
+
+Run: ``COMFYUI_PATH=/path/to/ComfyUI python bench/train.py [--repeats N] [--no-full]``; prints a table and
+writes it to bench/RESULTS-train.txt. A run of a variant that fails, is killed (memory) or passes --timeout is
+reported as such.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "RESULTS-train.txt"
+FULL_SDXL_EXTRA = {"image_size": 32, "use_checkpoint": False, "in_channels": 4, "out_channels": 4,
+                   "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "use_spatial_transformer": True,
+                   "legacy": False, "num_classes": "sequential", "num_head_channels": 64,
+                   "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+                   "use_temporal_attention": False, "use_temporal_resblock": False}
+
+
+def _status_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def setup_host(threads: int) -> None:
+    host = os.environ.get("COMFYUI_PATH")
+    if not host or not (Path(host) / "comfy").is_dir():
+        sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
+    sys.path[:0] = [host]
+    sys.path += [str(ROOT), str(ROOT / "tests")]
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def full_sdxl_model(dtype):
+    """ModelPatcher around a full-width SDXL UNet (comfy.supported_models.SDXL's unet_config), random weights
+    (one shared normal buffer scaled by 1/sqrt(fan_in) per matrix: fast; comfy ops skip initialisation)."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    config = dict(comfy.supported_models.SDXL.unet_config, **FULL_SDXL_EXTRA)
+    model_config = comfy.supported_models.SDXL(config)
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({})
+    params = list(model.diffusion_model.named_parameters())
+    noise = torch.randn(max(p.numel() for _, p in params), generator=torch.Generator().manual_seed(0)).to(dtype)
+    for name, p in params:
+        if p.ndim == 1:
+            p.fill_(1.0 if "norm" in name else 0.0)
+        else:
+            p.copy_(noise[:p.numel()].view(p.shape)).mul_(1.0 / p[0].numel() ** 0.5)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def build(args):
+    """(model, vae, image, conditioning) for the worker's model size; weights made under inference mode."""
+    import torch
+
+    from blora_testkit.tiny_sdxl import tiny_conditioning, tiny_sdxl_model
+    from blora_testkit.tiny_vae import tiny_vae
+
+    with torch.inference_mode():
+        if args.model == "tiny":
+            model, context_dim = tiny_sdxl_model(0), 64
+        else:
+            model, context_dim = full_sdxl_model(torch.bfloat16), 2048
+        gen = torch.Generator().manual_seed(0)
+        image = torch.rand(1, args.res, args.res, 3, generator=gen)
+        cond = tiny_conditioning(0)
+        cond = [[torch.randn(1, 77, context_dim, generator=gen), cond[0][1]]]
+        return model, tiny_vae(0), image, cond
+
+
+def run_ours(args, model, vae, image, cond, stamp) -> list[float]:
+    import comfy.utils
+    import torch
+
+    from blora.host.train import train_blora
+    from blora.training import TrainConfig
+
+    config = TrainConfig(rank=args.rank, alpha=float(args.rank), steps=args.steps, learning_rate=1e-4,
+                         resolution=args.res, training_dtype=args.dtype, gradient_checkpointing=True)
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: stamp())
+    with torch.inference_mode():
+        return train_blora(model, vae, image, cond, config, filename_prefix="bench/ours").losses
+
+
+def run_stock(args, model, vae, image, cond, stamp) -> list[float]:
+    import torch
+    from comfy_extras import nodes_train
+
+    init = nodes_train.TrainSampler.__init__
+
+    def timed_init(self, loss_fn, optimizer, loss_callback=None, **kwargs):  # a stamp after every step's backward
+        init(self, loss_fn, optimizer, loss_callback=lambda loss: (stamp(), loss_callback(loss)), **kwargs)
+
+    nodes_train.TrainSampler.__init__ = timed_init
+    with torch.inference_mode():
+        latent = vae.encode(image)
+        out = nodes_train.TrainLoraNode().train(model, {"samples": latent}, cond, batch_size=1, steps=args.steps,
+                                    grad_accumulation_steps=1, learning_rate=1e-4, rank=args.rank,
+                                    optimizer="AdamW", loss_function="MSE", seed=0, training_dtype=args.dtype,
+                                    lora_dtype="fp32", algorithm="LoRA", gradient_checkpointing=True,
+                                    existing_lora="[None]")
+    return out[2]["loss"]
+
+
+def worker(args) -> None:
+    setup_host(args.threads)
+    import folder_paths
+
+    folder_paths.set_output_directory(tempfile.mkdtemp(prefix="blora-bench-"))
+    model, vae, image, cond = build(args)
+    runner = {"ours": run_ours, "stock": run_stock}[args.worker]
+    stamps: list[tuple[float, float]] = []
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
+    rss0 = _status_kb("VmRSS")
+    losses = runner(args, model, vae, image, cond, lambda: stamps.append((time.perf_counter(), time.process_time())))
+    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
+    print(json.dumps({"wall": statistics.median(s[0] for s in steps), "cpu": statistics.median(s[1] for s in steps),
+                      "rss0_kb": rss0, "hwm_kb": _status_kb("VmHWM"), "losses": [float(x) for x in losses]}))
+
+
+def spawn(variant: str, model: str, steps: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--model", model, "--steps", str(steps),
+           "--res", str(args.tiny_res if model == "tiny" else args.full_res),
+           "--rank", str(args.rank if model == "tiny" else args.full_rank),
+           "--dtype", "fp32" if model == "tiny" else args.full_dtype, "--threads", str(args.threads)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout:.0f}s"}
+    if done.returncode != 0:
+        why = "killed (out of memory?)" if done.returncode in (-9, 137) else f"exit {done.returncode}"
+        return {"error": why + ": " + (done.stderr.strip().splitlines() or [""])[-1][:200]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(model: str, steps: int, args) -> dict:
+    """Per variant, runs interleaved ours/stock: median step time (wall, CPU) and training peak memory."""
+    runs = {"ours": [], "stock": []}
+    for _ in range(args.repeats if model == "tiny" else 1):
+        for variant in runs:
+            runs[variant].append(spawn(variant, model, steps, args))
+    return {v: summarize(rs) for v, rs in runs.items()}
+
+
+def summarize(runs: list[dict]) -> dict:
+    errors = [r["error"] for r in runs if "error" in r]
+    if errors:
+        return {"error": errors[0]}
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    return {"wall": med("wall"), "cpu": med("cpu"),
+            "peak_add_mb": statistics.median((r["hwm_kb"] - r["rss0_kb"]) / 1024 for r in runs),
+            "peak_mb": statistics.median(r["hwm_kb"] / 1024 for r in runs),
+            "loss_first": runs[-1]["losses"][0], "loss_last": runs[-1]["losses"][-1]}
+
+
+def row(label: str, result: dict) -> list[str]:
+    ours, stock = result["ours"], result["stock"]
+    if "error" in ours:
+        return [f"{label}: ours failed: {ours['error']}"]
+    lines = [f"{label}",
+             f"  ours : {ours['wall']:8.3f} s/step wall {ours['cpu']:8.3f} s/step cpu   training adds "
+             f"{ours['peak_add_mb']:8.1f} MB (peak RSS {ours['peak_mb']:.0f} MB)"]
+    if "error" in stock:
+        return lines + [f"  stock: {stock['error']}"]
+    lines.append(f"  stock: {stock['wall']:8.3f} s/step wall {stock['cpu']:8.3f} s/step cpu   training adds "
+                 f"{stock['peak_add_mb']:8.1f} MB (peak RSS {stock['peak_mb']:.0f} MB)")
+    lines.append(f"  ratio ours/stock: step time {ours['wall'] / stock['wall']:.2f} (wall), "
+                 f"{ours['cpu'] / stock['cpu']:.2f} (cpu); peak memory added "
+                 f"{ours['peak_add_mb'] / stock['peak_add_mb']:.2f}, peak RSS {ours['peak_mb'] / stock['peak_mb']:.2f}")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worker", choices=("ours", "stock"))
+    p.add_argument("--model", choices=("tiny", "full"), default="tiny")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--res", type=int, default=128)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tiny-res", type=int, default=256)
+    p.add_argument("--tiny-steps", type=int, default=20)
+    p.add_argument("--full-res", type=int, default=512)
+    p.add_argument("--full-rank", type=int, default=64)
+    p.add_argument("--full-dtype", default="bf16")
+    p.add_argument("--full-steps", type=int, default=3)
+    p.add_argument("--no-full", action="store_true")
+    p.add_argument("--timeout", type=float, default=3600.0)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    header = (f"bench/train.py on {platform.machine()} {os.cpu_count()} CPU(s), torch threads {args.threads}, "
+              f"{time.strftime('%Y-%m-%d %H:%M')}")
+    lines = [header]
+    tiny = measure("tiny", args.tiny_steps, args)
+    lines += row(f"(a) tiny SDXL-arch model, fp32, {args.tiny_res} px, rank {args.rank}, steps "
+                 f"{args.tiny_steps} (median of {args.repeats})", tiny)
+    if not args.no_full:
+        full = measure("full", args.full_steps, args)
+        lines += row(f"(b) full-width SDXL UNet (random weights), {args.full_dtype}, {args.full_res} px, rank "
+                     f"{args.full_rank}, steps {args.full_steps}", full)
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Train a B-LoRA on the host's own model patcher: ``train_blora(model, vae, images, positive, config)``.
+
+Order of work: every check that can fail on the inputs (architecture, schedule, targets, file name, images,
+conditioning, resume file) runs before training starts, so bad input writes nothing. Training runs under
+``torch.inference_mode(False)`` on a clone of the input ModelPatcher whose targeted Linears carry the adapters as
+weight wrappers, loaded through ``comfy.model_management.load_models_gpu``; the base weights are only read.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import comfy.model_management
+import torch
+
+from ..adapter import Adapter, check_fits
+from ..errors import ArchitectureError, BLoRAError
+from ..trainable import TrainableLoRA
+from ..training import PREDICTION_TARGETS, TrainConfig, make_optimizer, select_targets
+from .patch import model_weight_shapes, patched_clone, require_sdxl
+from .train_inputs import check_batchable, discrete_sigmas, prediction_kind, prepare_samples
+from .train_loop import TrainState, run_loop
+from .train_save import (base_model_fingerprint, check_prefix, save_dtype, save_target, steps_in, train_metadata,
+                         write_trained)
+from .train_wrappers import checkpointed, frozen_aliases, grad_region, strip_wrappers, trainable_clone
+
+log = logging.getLogger(__name__)
+LOAD_ALL_MEMORY = 1e20  # ask load_models_gpu to free everything else: training needs the room
+
+
+@dataclass
+class TrainOutcome:
+    """model: the input model's clone with the trained adapter at strength 1; adapter: the trained B-LoRA;
+    losses: one per step; path: the file written; elapsed: seconds spent in the loop."""
+
+    model: Any
+    adapter: Adapter
+    losses: list[float]
+    path: str
+    elapsed: float
+
+
+def linear_paths(model) -> list[str]:
+    """Canonical paths of the UNet's Linear layers."""
+    return [n for n, m in model.model.diffusion_model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _check_model(model) -> tuple[Any, str, torch.Tensor]:
+    require_sdxl(model)
+    ms = model.get_model_object("model_sampling")
+    prediction = prediction_kind(ms)
+    if prediction not in PREDICTION_TARGETS:
+        raise ArchitectureError(f"cannot train a {prediction}-prediction model: B-LoRA training supports "
+                                f"{', '.join(PREDICTION_TARGETS)}")
+    return ms, prediction, discrete_sigmas(ms)
+
+
+def _check_resume(resume: Adapter, targets: list[str], config: TrainConfig, shapes) -> None:
+    """A resumed file must hold exactly the selected modules, as LoRA of the configured rank, alpha and kind."""
+    name = resume.source or "resume_from"
+    check_fits(resume, shapes)
+    if set(resume.modules) != set(targets):
+        missing, extra = sorted(set(targets) - set(resume.modules)), sorted(set(resume.modules) - set(targets))
+        raise BLoRAError(f"{name}: holds {len(resume.modules)} modules, blocks {config.blocks!r} select "
+                         f"{len(targets)} (missing {missing[:3]}, extra {extra[:3]}): use the blocks and "
+                         f"layer_filter it was trained with")
+    for path, m in resume.modules.items():
+        dora = m.dora_scale is not None
+        alpha = m.alpha if m.alpha is not None else m.rank
+        if m.kind != "lora" or m.rank != config.rank or dora != (config.algorithm == "DoRA") or \
+                not math.isclose(alpha, config.stored_alpha, rel_tol=1e-3):
+            raise BLoRAError(f"{name} (module {path!r}): {m.kind} rank {m.rank}, stored alpha {alpha:g}, "
+                             f"{'DoRA' if dora else 'LoRA'}; the node asks for LoRA rank {config.rank}, stored "
+                             f"alpha {config.stored_alpha:g}, {config.algorithm}: set rank, alpha, rslora and "
+                             f"algorithm as the file was trained")
+
+
+def _new_adapters(model, targets: list[str], config: TrainConfig, resume: Adapter | None) -> dict[str, TrainableLoRA]:
+    unet, device = model.model.diffusion_model, model.load_device
+    if resume is not None:
+        return {p: TrainableLoRA.from_module(resume.modules[p]).to(device) for p in targets}
+    generator = torch.Generator().manual_seed(config.seed)
+    return {p: TrainableLoRA.create(unet.get_submodule(p).weight.to(device), config.rank, config.scale,
+                                    config.algorithm == "DoRA", generator) for p in targets}
+
+
+def _export(adapters: dict[str, TrainableLoRA], config: TrainConfig) -> Adapter:
+    dtype = save_dtype(config)
+    return Adapter(modules={p: a.export(a.scale * a.rank, dtype) for p, a in sorted(adapters.items())},
+                   dialect="kohya")
+
+
+def _fit(model, adapters, samples, check, config: TrainConfig, node_id, on_checkpoint, steps_before) -> list[float]:
+    ms, prediction, sigmas = check
+    clone = trainable_clone(model, adapters, config.dtype)
+    comfy.model_management.load_models_gpu([clone], memory_required=LOAD_ALL_MEMORY, force_full_load=True)
+    base = clone.model
+    unet = base.diffusion_model
+    state = TrainState(config, unet, ms, sigmas, prediction, samples, adapters, make_optimizer(adapters, config),
+                       torch.amp.GradScaler(clone.load_device.type, enabled=config.training_dtype == "fp16"),
+                       dict(clone.model_options.get("transformer_options", {})),
+                       base.manual_cast_dtype or base.get_dtype(), clone.load_device, steps_before)
+    try:
+        with frozen_aliases(unet), checkpointed(grad_region(unet, list(adapters)), config.gradient_checkpointing), \
+                torch.enable_grad():
+            return run_loop(state, node_id, on_checkpoint)
+    finally:
+        strip_wrappers(unet, adapters)
+
+
+def train_blora(model, vae, images, positive, config: TrainConfig, filename_prefix: str = "blora",
+                resume: Adapter | None = None, node_id: str | None = None) -> TrainOutcome:
+    """Train ``config.steps`` steps on ``images`` (IMAGE) with ``positive`` (CONDITIONING), save the file under
+    ``<output>/loras/`` and return the patched model, the adapter and the losses. Raises BLoRAError subclasses
+    for bad input (before anything is written) and the host's InterruptProcessingException on cancel."""
+    check = _check_model(model)
+    targets = select_targets(linear_paths(model), config)
+    if resume is not None:
+        _check_resume(resume, targets, config, model_weight_shapes(model))
+    check_prefix(filename_prefix)
+    samples = prepare_samples(model, vae, images, positive, config.resolution, config.flip)
+    check_batchable(samples, config.batch_size)
+    target = save_target(filename_prefix)
+    steps_before = steps_in(resume.metadata) if resume is not None else 0
+    base = base_model_fingerprint(model)
+
+    def save(adapters: dict[str, TrainableLoRA], filename: str, done: int) -> Adapter:
+        meta = train_metadata(config, steps_before + done, base, check[1])
+        return write_trained(_export(adapters, config), target, filename, meta)
+
+    with torch.inference_mode(False):
+        adapters = _new_adapters(model, targets, config, resume)
+        start = time.monotonic()
+        losses = _fit(model, adapters, samples, check, config, node_id,
+                      lambda step: save(adapters, target.checkpoint(step), step), steps_before)
+        elapsed = time.monotonic() - start
+        adapter = save(adapters, target.final, config.steps)
+    log.info("B-LoRA trained: %d steps in %.1fs, final loss %.4g, saved %s", config.steps, elapsed, losses[-1],
+             adapter.source)
+    return TrainOutcome(patched_clone(model, [(adapter, 1.0)]), adapter, losses, adapter.source, elapsed)

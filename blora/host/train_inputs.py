@@ -1,0 +1,138 @@
+"""What the loop trains on, made once before it starts: latents (VAE-encoded once, flipped copies when flip
+augmentation is on), per-image cross-attention context and SDXL vector conditioning (pooled text + size
+conditioning from the training image size), and the model's schedule and prediction type."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import comfy.conds
+import comfy.model_sampling
+import torch
+
+from ..errors import ArchitectureError, BLoRAError
+from ..train_images import original_sizes, prepare_images
+
+# Checked in order (subclasses first): the model_sampling mixin decides what the model predicts.
+PREDICTION_KINDS: tuple[tuple[type, str], ...] = (
+    (comfy.model_sampling.EDM, "EDM"), (comfy.model_sampling.X0, "X0"),
+    (comfy.model_sampling.V_PREDICTION, "V_PREDICTION"), (comfy.model_sampling.EPS, "EPS"),
+)
+
+
+@dataclass
+class Sample:
+    """One training image: x0 (1, C, h, w) in the model's latent space (flipped: mirrored copy or None),
+    context (1, T, D) and y (1, adm) as the UNet takes them. Ordinary tensors on the load device."""
+
+    x0: torch.Tensor
+    x0_flipped: torch.Tensor | None
+    context: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        return int(self.x0.shape[-2]), int(self.x0.shape[-1])
+
+
+def prediction_kind(model_sampling) -> str:
+    for cls, name in PREDICTION_KINDS:
+        if isinstance(model_sampling, cls):
+            return name
+    return type(model_sampling).__name__
+
+
+def discrete_sigmas(model_sampling) -> torch.Tensor:
+    """The schedule's sigma per integer timestep (num_timesteps,). Refuses continuous schedules."""
+    sigmas = getattr(model_sampling, "sigmas", None)
+    if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete) or sigmas is None:
+        raise ArchitectureError(f"cannot train on a {type(model_sampling).__name__} schedule: B-LoRA training "
+                                f"draws integer timesteps from a discrete (SDXL-style) schedule")
+    return sigmas.detach().float().cpu().clone()
+
+
+def _conditioning_rows(positive, count: int) -> list[tuple[torch.Tensor, dict]]:
+    """(context (1, T, D), extras) per image from CONDITIONING: one entry for all, one entry per image, or one
+    entry whose batch holds one row per image."""
+    if not positive:
+        raise BLoRAError("positive: empty conditioning; connect a text encode")
+    if len(positive) == count:
+        entries = [(c, e, 0) for c, e in positive]
+    elif len(positive) == 1 and positive[0][0].shape[0] == count:
+        entries = [(positive[0][0], positive[0][1], i) for i in range(count)]
+    elif len(positive) == 1:
+        entries = [(positive[0][0], positive[0][1], 0)] * count
+    else:
+        raise BLoRAError(f"positive: {len(positive)} conditionings for {count} images; give one for all images "
+                         f"or one per image")
+    rows = []
+    for i, (context, extras, row) in enumerate(entries):
+        pooled = extras.get("pooled_output")
+        if pooled is None:
+            raise ArchitectureError(f"positive (image {i}): no pooled_output; SDXL training needs conditioning "
+                                    f"from an SDXL text encoder (CLIPTextEncode with an SDXL CLIP)")
+        row_extras = dict(extras, pooled_output=pooled[min(row, pooled.shape[0] - 1):][:1])
+        rows.append((context[row:row + 1], row_extras))
+    return rows
+
+
+def _model_conds(base_model, context, extras, original, target, device, latent) -> tuple[torch.Tensor, torch.Tensor]:
+    """context and y through the model's own extra_conds (SDXL: pooled + original/crop/target size)."""
+    (oh, ow), (th, tw) = original, target
+    params = dict(extras, cross_attn=context, device=device, noise=latent, width=ow, height=oh, crop_w=0,
+                  crop_h=0, target_width=tw, target_height=th)
+    out = base_model.extra_conds(**params)
+    if "y" not in out:
+        raise ArchitectureError(f"{type(base_model).__name__} takes no vector conditioning: not an SDXL model")
+    cross = out.get("c_crossattn", comfy.conds.CONDCrossAttn(context))
+    return cross.cond, out["y"].cond
+
+
+def _encode(vae, image: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return vae.encode(image.unsqueeze(0)).float()
+
+
+def prepare_samples(model, vae, images, positive, resolution: int, flip: bool) -> list[Sample]:
+    """Resize, encode (once) and condition each image. Everything returned is an ordinary tensor (made outside
+    inference mode) on the model's load device, in float32."""
+    prepared = prepare_images(images, resolution, multiple=int(getattr(vae, "downscale_ratio", 8)))
+    sizes = original_sizes(images)
+    rows = _conditioning_rows(positive, len(prepared))
+    base, device = model.model, model.load_device
+    samples = []
+    for image, size, (context, extras) in zip(prepared, sizes, rows):
+        latent = _encode(vae, image)
+        flipped = _encode(vae, torch.flip(image, dims=[1])) if flip else None
+        target = (int(image.shape[0]), int(image.shape[1]))
+        ctx, y = _model_conds(base, context, extras, size, target, device, latent)
+        x0 = base.process_latent_in(latent)
+        x0_flipped = None if flipped is None else base.process_latent_in(flipped)
+        samples.append(Sample(*(_owned(t, device) for t in (x0, x0_flipped, ctx, y))))
+    return samples
+
+
+def _owned(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    """An ordinary float32 copy on ``device`` (autograd may save it; an inference tensor it may not)."""
+    if t is None:
+        return None
+    with torch.inference_mode(False):
+        return t.detach().to(device, torch.float32).clone()
+
+
+def check_batchable(samples: list[Sample], batch_size: int) -> None:
+    """A batch stacks latents, so with batch_size > 1 all images must share one training size."""
+    sizes = sorted({s.latent_size for s in samples})
+    if batch_size > 1 and len(sizes) > 1:
+        raise BLoRAError(f"images of different aspect ratios give latents of sizes {sizes}, which cannot share a "
+                         f"batch: set batch_size to 1 (each step then trains one image) or give images of one "
+                         f"aspect ratio")
+
+
+def batch_of(samples: list[Sample], indices: list[int], flips: list[bool]) -> tuple[torch.Tensor, ...]:
+    """x0 (B, C, h, w), context (B, T, D), y (B, adm) for the chosen images (context lengths padded by repeat, as
+    the host batches conditionings)."""
+    x0 = torch.cat([samples[i].x0_flipped if f else samples[i].x0 for i, f in zip(indices, flips)])
+    crossed = [comfy.conds.CONDCrossAttn(samples[i].context) for i in indices]
+    context = crossed[0].concat(crossed[1:]) if len(crossed) > 1 else crossed[0].cond
+    y = torch.cat([samples[i].y for i in indices])
+    return x0, context, y
