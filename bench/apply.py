@@ -229,7 +229,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--sample-repeats", type=int, default=2, help="sampling runs per model (full SDXL)")
+    ap.add_argument("--sample-repeats", type=int, default=3, help="sampling runs per model (full SDXL)")
     ap.add_argument("--full-dtype", choices=("fp16", "fp32"), default="fp16")
     ap.add_argument("--full-latent", type=int, default=16, help="latent side for the full model (16 = 128 px)")
     ap.add_argument("--tiny-only", action="store_true")

@@ -53,12 +53,12 @@ def require_sdxl(model, shapes: Mapping[str, tuple[int, ...]] | None = None) -> 
 
 def _unet_part(adapter: Adapter) -> Adapter:
     """The adapter without text-encoder modules (this patches MODEL only), logging what it leaves out."""
-    te = [p for p in adapter.modules if p.startswith(TEXT_ENCODER_PREFIXES)]
+    te = {p for p in adapter.modules if p.startswith(TEXT_ENCODER_PREFIXES)}
     if not te:
         return adapter
     log.info("%s: %d text-encoder modules ignored (B-LoRA patches the MODEL only)", adapter.source or "adapter",
              len(te))
-    return replace(adapter, modules={p: m for p, m in adapter.modules.items() if p not in set(te)})
+    return replace(adapter, modules={p: m for p, m in adapter.modules.items() if p not in te})
 
 
 def _kohya_name(path: str) -> str:
