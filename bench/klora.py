@@ -14,7 +14,7 @@ real unet_config) when memory allows. Times are CPU seconds of this process (ste
 machine); one torch thread by default.
 
 Run: ``COMFYUI_PATH=/path/to/ComfyUI python bench/klora.py [--repeats N] [--steps N] [--tiny-only]``.
-Writes the table to bench/RESULTS-klora.txt. About 3 minutes on 2 CPU cores.
+Writes the table to bench/RESULTS-klora.txt. About 6 minutes on 2 CPU cores (the full-width part needs 9 GiB free).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ RESULTS = ROOT / "bench" / "RESULTS-klora.txt"
 BLOCKS = ("input_blocks.4.1", "input_blocks.5.1", "input_blocks.7.1", "input_blocks.8.1", "middle_block.1",
           "output_blocks.0.1", "output_blocks.1.1", "output_blocks.2.1", "output_blocks.3.1", "output_blocks.4.1",
           "output_blocks.5.1")
-FULL_MEMORY_GB = 13
+FULL_MEMORY_GB = 9
 FULL_SDXL_EXTRA = {"image_size": 32, "use_checkpoint": False, "in_channels": 4, "out_channels": 4,
                    "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "use_spatial_transformer": True,
                    "legacy": False, "num_classes": "sequential", "num_head_channels": 64,
@@ -126,7 +126,8 @@ def lora(model, rank: int, seed: int, up_std: float):
     return Adapter(modules=modules, source=f"lora{seed}")
 
 
-def bench_model(label: str, model, context_dim: int, latent_hw: int, steps: int, repeats: int) -> dict:
+def bench_model(label: str, model, context_dim: int, runs: list[tuple[int, int]], repeats: int) -> list[dict]:
+    """One row per (latent size, steps) in ``runs``; the clones are built once."""
     from blora.host import patched_clone
     from blora.host.dynamic import fused_clone
 
@@ -141,15 +142,18 @@ def bench_model(label: str, model, context_dim: int, latent_hw: int, steps: int,
     fused, plan = fused_clone(model, subject, style, 1.0, 1.0, "s")
     t3 = clock()
     switches = sum(0 < at <= 1 for at in plan.switch_points().values())
-    times: dict[str, list[float]] = {"merge": [], "klora": []}
-    for i in range(repeats):
-        for name, clone in (("merge", merged), ("klora", fused)):
-            progress(f"{label}: sampling {name}, round {i + 1}/{repeats}")
-            times[name] += step_times(clone, latent_hw, context_dim, steps, cfg=2.0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"label": f"{label}, {steps} steps", "layers": len(plan.fused), "switches": switches, "setup_merge": t1 - t0,
-            "setup_klora": t3 - t2, "step_merge": med["merge"], "step_klora": med["klora"],
-            "ratio": med["klora"] / med["merge"]}
+    rows = []
+    for latent_hw, steps in runs:
+        times: dict[str, list[float]] = {"merge": [], "klora": []}
+        for i in range(repeats):
+            for name, clone in (("merge", merged), ("klora", fused)):
+                progress(f"{label}: latent {latent_hw}, sampling {name}, round {i + 1}/{repeats}")
+                times[name] += step_times(clone, latent_hw, context_dim, steps, cfg=2.0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"label": f"{label}, latent {latent_hw}x{latent_hw}, {steps} steps", "layers": len(plan.fused),
+                     "switches": switches, "setup_merge": t1 - t0, "setup_klora": t3 - t2,
+                     "step_merge": med["merge"], "step_klora": med["klora"], "ratio": med["klora"] / med["merge"]})
+    return rows
 
 
 def enough_memory() -> bool:
@@ -164,10 +168,10 @@ def table(rows: list[dict], args) -> str:
     head = (f"bench/klora.py  {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  {platform.machine()} CPU,"
             f" {torch.get_num_threads()} thread(s); euler cfg 2, repeats {args.repeats}; "
             f"LoRAs rank 8 on every attention Linear")
-    lines = [head, "", f"{'model':44} {'fused':>6} {'switch':>6} {'setup merge':>12} {'setup K-LoRA':>13} "
+    lines = [head, "", f"{'model':52} {'fused':>6} {'switch':>6} {'setup merge':>12} {'setup K-LoRA':>13} "
                        f"{'step merge':>11} {'step K-LoRA':>12} {'ratio':>6}"]
     for r in rows:
-        lines.append(f"{r['label']:44} {r['layers']:6d} {r['switches']:6d} {r['setup_merge']:11.2f}s "
+        lines.append(f"{r['label']:52} {r['layers']:6d} {r['switches']:6d} {r['setup_merge']:11.2f}s "
                      f"{r['setup_klora']:12.2f}s {r['step_merge']:10.3f}s {r['step_klora']:11.3f}s "
                      f"{r['ratio']:6.2f}")
     lines += ["", "fused: layers in both LoRAs (per-step selection); switch: layers that switch subject -> style "
@@ -187,14 +191,14 @@ def main() -> None:
     parser.add_argument("--tiny-only", action="store_true")
     args = parser.parse_args()
     setup_host(args.threads)
-    rows = [bench_model("tiny SDXL (fp32, latent 32x32)", tiny_model(), 64, 32, args.steps * 2, args.repeats)]
+    rows = bench_model("tiny SDXL (fp32)", tiny_model(), 64, [(32, 2 * args.steps)], args.repeats)
     if args.tiny_only:
         pass
     elif enough_memory():
         import torch
 
-        rows.append(bench_model("full SDXL UNet (bf16, latent 16x16)", full_sdxl_model(torch.bfloat16), 2048, 16,
-                                args.steps, args.repeats))
+        rows += bench_model("full SDXL UNet (bf16)", full_sdxl_model(torch.bfloat16), 2048,
+                            [(16, args.steps), (32, args.steps)], args.repeats)
     else:
         progress(f"full SDXL skipped: less than {FULL_MEMORY_GB} GiB of free memory")
     text = table(rows, args)

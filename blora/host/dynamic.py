@@ -95,10 +95,8 @@ class LayerDelta:
         key = (weight.device, weight.dtype)
         if self._cast is None or self._cast[0] != key:
             self._cast = key, [t.to(device=weight.device, dtype=weight.dtype) for t in self.tensors]
-        t = self._cast[1]
-        if len(t) == 1:
-            return torch.add(weight, t[0], alpha=alpha)
-        return torch.addmm(weight, t[0], t[1], alpha=alpha)
+        t = self._cast[1]  # out of place: never write into a tensor the host might share with the model
+        return torch.add(weight, t[0], alpha=alpha) if len(t) == 1 else torch.addmm(weight, t[0], t[1], alpha=alpha)
 
     def move_to(self, device) -> int:
         self.tensors = [t.to(device) for t in self.tensors]
