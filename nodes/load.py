@@ -43,7 +43,7 @@ class BLoRALoader(io.ComfyNode):
     def fingerprint_inputs(cls, lora_name: str) -> tuple:
         try:
             stat = os.stat(adapter_path(lora_name))
-        except (OSError, FileNotFoundError):
+        except OSError:
             return (lora_name,)
         return (lora_name, stat.st_mtime_ns, stat.st_size)
 
