@@ -103,7 +103,7 @@ class BLoRAMerge(io.ComfyNode):
                 BLoRA.Input("layout", optional=True, tooltip="Adapter whose layout block (input_blocks.8.1) is "
                                                              "taken."),
             ],
-            outputs=[BLoRA.Output(tooltip="The merged adapter.")])
+            outputs=[BLoRA.Output(display_name="blora", tooltip="The merged adapter.")])
 
     @classmethod
     def execute(cls, content: Adapter | None = None, style: Adapter | None = None,

@@ -181,6 +181,11 @@ def _results(server, pid: str) -> dict:
     out = {}
     for nid, files in server.outputs_by_node(pid).items():
         for i, f in enumerate(sorted(files)):
+            if f.suffix == ".safetensors":  # Save B-LoRA: the adapter file, read back by the pack's reader
+                from blora.files import read_adapter
+
+                out[(nid, i)] = sorted(read_adapter(f).modules)
+                continue
             out[(nid, i)] = read_latent(f) if f.suffix == ".latent" else read_image(f)
     return out
 
