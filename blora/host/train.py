@@ -17,11 +17,11 @@ import comfy.model_management
 import torch
 
 from ..adapter import Adapter, check_fits
-from ..errors import ArchitectureError, BLoRAError
+from ..errors import BLoRAError
 from ..trainable import TrainableLoRA
-from ..training import PREDICTION_TARGETS, TrainConfig, make_optimizer, select_targets
+from ..training import TrainConfig, make_optimizer, select_targets
 from .patch import model_weight_shapes, patched_clone, require_sdxl
-from .train_inputs import check_batchable, discrete_sigmas, prediction_kind, prepare_samples
+from .train_inputs import ModelSchedule, check_batchable, model_schedule, prepare_samples
 from .train_loop import TrainState, run_loop
 from .train_save import (base_model_fingerprint, check_prefix, save_dtype, save_target, steps_in, train_metadata,
                          write_trained)
@@ -46,16 +46,6 @@ class TrainOutcome:
 def linear_paths(model) -> list[str]:
     """Canonical paths of the UNet's Linear layers."""
     return [n for n, m in model.model.diffusion_model.named_modules() if isinstance(m, torch.nn.Linear)]
-
-
-def _check_model(model) -> tuple[Any, str, torch.Tensor]:
-    require_sdxl(model)
-    ms = model.get_model_object("model_sampling")
-    prediction = prediction_kind(ms)
-    if prediction not in PREDICTION_TARGETS:
-        raise ArchitectureError(f"cannot train a {prediction}-prediction model: B-LoRA training supports "
-                                f"{', '.join(PREDICTION_TARGETS)}")
-    return ms, prediction, discrete_sigmas(ms)
 
 
 def _check_resume(resume: Adapter, targets: list[str], config: TrainConfig, shapes) -> None:
@@ -93,13 +83,13 @@ def _export(adapters: dict[str, TrainableLoRA], config: TrainConfig) -> Adapter:
                    dialect="kohya")
 
 
-def _fit(model, adapters, samples, check, config: TrainConfig, node_id, on_checkpoint, steps_before) -> list[float]:
-    ms, prediction, sigmas = check
+def _fit(model, adapters, samples, schedule: ModelSchedule, config: TrainConfig, node_id, on_checkpoint,
+         steps_before) -> list[float]:
     clone = trainable_clone(model, adapters, config.dtype)
     comfy.model_management.load_models_gpu([clone], memory_required=LOAD_ALL_MEMORY, force_full_load=True)
     base = clone.model
     unet = base.diffusion_model
-    state = TrainState(config, unet, ms, sigmas, prediction, samples, adapters, make_optimizer(adapters, config),
+    state = TrainState(config, unet, schedule, samples, adapters, make_optimizer(adapters, config),
                        torch.amp.GradScaler(clone.load_device.type, enabled=config.training_dtype == "fp16"),
                        dict(clone.model_options.get("transformer_options", {})),
                        base.manual_cast_dtype or base.get_dtype(), clone.load_device, steps_before)
@@ -116,7 +106,8 @@ def train_blora(model, vae, images, positive, config: TrainConfig, filename_pref
     """Train ``config.steps`` steps on ``images`` (IMAGE) with ``positive`` (CONDITIONING), save the file under
     ``<output>/loras/`` and return the patched model, the adapter and the losses. Raises BLoRAError subclasses
     for bad input (before anything is written) and the host's InterruptProcessingException on cancel."""
-    check = _check_model(model)
+    require_sdxl(model)
+    schedule = model_schedule(model)
     targets = select_targets(linear_paths(model), config)
     if resume is not None:
         _check_resume(resume, targets, config, model_weight_shapes(model))
@@ -128,13 +119,13 @@ def train_blora(model, vae, images, positive, config: TrainConfig, filename_pref
     base = base_model_fingerprint(model)
 
     def save(adapters: dict[str, TrainableLoRA], filename: str, done: int) -> Adapter:
-        meta = train_metadata(config, steps_before + done, base, check[1])
+        meta = train_metadata(config, steps_before + done, base, schedule.prediction)
         return write_trained(_export(adapters, config), target, filename, meta)
 
     with torch.inference_mode(False):
         adapters = _new_adapters(model, targets, config, resume)
         start = time.monotonic()
-        losses = _fit(model, adapters, samples, check, config, node_id,
+        losses = _fit(model, adapters, samples, schedule, config, node_id,
                       lambda step: save(adapters, target.checkpoint(step), step), steps_before)
         elapsed = time.monotonic() - start
         adapter = save(adapters, target.final, config.steps)

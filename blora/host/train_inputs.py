@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ArchitectureError, BLoRAError
 from ..train_images import original_sizes, prepare_images
+from ..training import PREDICTION_TARGETS
 
 # Checked in order (subclasses first): the model_sampling mixin decides what the model predicts.
 PREDICTION_KINDS: tuple[tuple[type, str], ...] = (
@@ -34,6 +35,16 @@ class Sample:
         return int(self.x0.shape[-2]), int(self.x0.shape[-1])
 
 
+@dataclass(frozen=True)
+class ModelSchedule:
+    """The model's own noise schedule (its ``model_sampling``, object patches included), what it predicts
+    (EPS, V_PREDICTION), and its sigma per integer timestep (num_timesteps,) float32 on the CPU."""
+
+    model_sampling: torch.nn.Module
+    prediction: str
+    sigmas: torch.Tensor
+
+
 def prediction_kind(model_sampling) -> str:
     for cls, name in PREDICTION_KINDS:
         if isinstance(model_sampling, cls):
@@ -41,13 +52,19 @@ def prediction_kind(model_sampling) -> str:
     return type(model_sampling).__name__
 
 
-def discrete_sigmas(model_sampling) -> torch.Tensor:
-    """The schedule's sigma per integer timestep (num_timesteps,). Refuses continuous schedules."""
-    sigmas = getattr(model_sampling, "sigmas", None)
-    if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete) or sigmas is None:
-        raise ArchitectureError(f"cannot train on a {type(model_sampling).__name__} schedule: B-LoRA training "
-                                f"draws integer timesteps from a discrete (SDXL-style) schedule")
-    return sigmas.detach().float().cpu().clone()
+def model_schedule(model) -> ModelSchedule:
+    """The schedule training draws from. Refuses prediction types other than PREDICTION_TARGETS and continuous
+    schedules (ArchitectureError)."""
+    ms = model.get_model_object("model_sampling")
+    prediction = prediction_kind(ms)
+    if prediction not in PREDICTION_TARGETS:
+        raise ArchitectureError(f"cannot train a {prediction}-prediction model: B-LoRA training supports "
+                                f"{', '.join(PREDICTION_TARGETS)}")
+    sigmas = getattr(ms, "sigmas", None)
+    if not isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete) or sigmas is None:
+        raise ArchitectureError(f"cannot train on a {type(ms).__name__} schedule: B-LoRA training draws integer "
+                                f"timesteps from a discrete (SDXL-style) schedule")
+    return ModelSchedule(ms, prediction, sigmas.detach().float().cpu().clone())
 
 
 def _conditioning_rows(positive, count: int) -> list[tuple[torch.Tensor, dict]]:

@@ -17,7 +17,7 @@ from ..errors import BLoRAError
 from ..trainable import TrainableLoRA
 from ..training import (TrainConfig, diffusion_loss, sample_batch, sample_flips, sample_noise, sample_timesteps,
                         step_generator, training_target)
-from .train_inputs import Sample, batch_of
+from .train_inputs import ModelSchedule, Sample, batch_of
 
 PROGRESS_EVENT = "blora.train.progress"
 
@@ -25,14 +25,12 @@ PROGRESS_EVENT = "blora.train.progress"
 @dataclass
 class TrainState:
     """Everything one step needs. unet: the loaded diffusion model (with the adapters as weight wrappers);
-    sigmas: (num_timesteps,) float32 CPU; dtype: the UNet's input dtype; steps_before: steps done by earlier runs
+    dtype: the UNet's input dtype; steps_before: steps done by earlier runs
     (resume), so a resumed run draws new noise."""
 
     config: TrainConfig
     unet: torch.nn.Module
-    model_sampling: torch.nn.Module
-    sigmas: torch.Tensor
-    prediction: str
+    schedule: ModelSchedule
     samples: list[Sample]
     adapters: dict[str, TrainableLoRA]
     optimizer: torch.optim.Optimizer
@@ -45,19 +43,19 @@ class TrainState:
 
 def micro_loss(state: TrainState, draw: int) -> torch.Tensor:
     """Loss of one micro-batch; every random draw comes from (seed, draw)."""
-    c, ms = state.config, state.model_sampling
+    c, ms, sigmas = state.config, state.schedule.model_sampling, state.schedule.sigmas
     g = step_generator(c.seed, draw)
     indices = sample_batch(len(state.samples), c.batch_size, g)
     flips = sample_flips(c.batch_size, c.flip, g)
-    timesteps = sample_timesteps(c.batch_size, len(state.sigmas), g)
+    timesteps = sample_timesteps(c.batch_size, len(sigmas), g)
     x0, context, y = batch_of(state.samples, indices, flips)
     noise = sample_noise(x0.shape, g).to(state.device)
-    sigma = state.sigmas[timesteps].to(state.device)
+    sigma = sigmas[timesteps].to(state.device)
     xc = ms.calculate_input(sigma, ms.noise_scaling(sigma, noise, x0))
     t = ms.timestep(sigma).float()
     out = state.unet(xc.to(state.dtype), t, context=context.to(state.dtype), y=y.to(state.dtype), control=None,
                      transformer_options=dict(state.transformer_options))
-    return diffusion_loss(out, training_target(state.prediction, x0, noise, sigma))
+    return diffusion_loss(out, training_target(state.schedule.prediction, x0, noise, sigma))
 
 
 def train_step(state: TrainState, step: int) -> float:
