@@ -93,6 +93,12 @@ _RECORD_EVENTS = """() => {
   window.comfyAPI.api.api.addEventListener("blora.train.progress", (e) => window.__bloraEvents.push(e.detail));
 }"""
 
+_RECORD_EXECUTED = """() => {
+  window.__executed = [];
+  window.comfyAPI.api.api.addEventListener("executed", (e) => window.__executed.push(
+    { node: e.detail.node, display: e.detail.display_node, keys: Object.keys(e.detail.output ?? {}) }));
+}"""
+
 _CHART_STATE = """() => app.graph.nodes.filter((n) => n.comfyClass === "BLoRATrain").map((n) => ({
   id: String(n.id), points: n.bloraChart.points.map((p) => p.loss), steps: n.bloraChart.steps,
   running: n.bloraChart.running, summary: n.bloraChart.summary(),
@@ -113,7 +119,8 @@ def test_train_chart_follows_the_run_and_survives_reload(ui_page, ui_server, bas
     page, log = ui_page
     result = load_workflow(page, read_workflow(path))
     assert not (result["missing"] or result["invalid"] or result["alerts"]), result
-    set_widgets(page, {"ckpt_name": ui_server.ckpt_name, **SMALL_GRAPH, **TRAIN_OVERRIDES})
+    set_widgets(page, {"ckpt_name": ui_server.ckpt_name, "BLoRALoader.lora_name": TINY_BLORA, **SMALL_GRAPH,
+                       **TRAIN_OVERRIDES})
     steps = page.evaluate("app.graph.nodes.find((n) => n.comfyClass === 'BLoRATrain')"
                           ".widgets.find((w) => w.name === 'steps').value")
     assert steps == TRAIN_STEPS
@@ -168,6 +175,7 @@ def _wait_queue_empty(ui_server, timeout_s: float = 120.0) -> dict:
     import time
 
     deadline = time.monotonic() + timeout_s
+    time.sleep(0.5)  # the page's POST /prompt may still be in flight
     while time.monotonic() < deadline:
         status, queue = ui_server.request("GET", "/queue")
         if status == 200 and not queue["queue_running"] and not queue["queue_pending"]:
@@ -179,7 +187,8 @@ def _wait_queue_empty(ui_server, timeout_s: float = 120.0) -> dict:
 
 def test_block_map_after_apply_run(ui_page, ui_server, baseline):
     """An example with Load B-LoRA, pointed at a tiny content + style B-LoRA, runs from the page; each loader
-    then shows the file's blocks (OUT0 content, OUT1 style), rank and dialect."""
+    then shows the file's blocks (OUT0 content, OUT1 style), rank and dialect; also when the loaders were cached
+    (no `executed` message)."""
     path = _example_with("BLoRALoader", prefer=APPLY_EXAMPLE, without="BLoRATrain")
     if path is None:
         pytest.skip("no example workflow with Load B-LoRA yet")
@@ -188,11 +197,16 @@ def test_block_map_after_apply_run(ui_page, ui_server, baseline):
     assert not (result["missing"] or result["invalid"] or result["alerts"]), result
     set_widgets(page, {"ckpt_name": ui_server.ckpt_name, "BLoRALoader.lora_name": TINY_BLORA, **SMALL_GRAPH})
     mark = log.mark()
+    page.evaluate(_RECORD_EXECUTED)
     page.evaluate("app.queuePrompt(0)")
-    page.wait_for_function("() => app.graph.nodes.filter((n) => n.comfyClass === 'BLoRALoader')"
-                           ".every((n) => n.bloraBlockMap)", timeout=120_000)
     run = _wait_queue_empty(ui_server)
     assert run["status"]["status_str"] == "success", run["status"]
+    try:
+        page.wait_for_function("() => app.graph.nodes.filter((n) => n.comfyClass === 'BLoRALoader')"
+                               ".every((n) => n.bloraBlockMap)", timeout=10_000)
+    except Exception as exc:
+        raise AssertionError(f"block maps not drawn; executed messages: {page.evaluate('window.__executed')}; "
+                             f"history outputs: {run['outputs']}") from exc
     maps = page.evaluate("""() => app.graph.nodes.filter((n) => n.comfyClass === "BLoRALoader").map((n) => ({
       present: n.bloraBlockMap.present, line: n.bloraBlockMapView.line.textContent,
       filled: [...n.bloraBlockMapView.cells].filter(([, c]) => c.style.fontWeight === "bold").map(([s]) => s) }))""")
@@ -201,10 +215,24 @@ def test_block_map_after_apply_run(ui_page, ui_server, baseline):
         assert m["line"].startswith("rank 4 ·") and "no alpha" in m["line"], m
     fit_view(page)
     screenshot(page, ARTIFACTS / f"apply_run_{path.stem}.png")
+
     focus_mode(page)
     fit_view(page, 0.96)
     screenshot(page, DOCS / "apply_graph.png", clip=graph_clip(page))
     focus_mode(page, False)
+
+    # Same workflow opened again and queued: every node is cached, the server sends no `executed` for the
+    # loaders; the maps come from the prompt's /history entry. (Without a graph id the copy gets a new one, so
+    # the maps cannot come from the reload path.)
+    load_workflow(page, {k: v for k, v in read_workflow(path).items() if k != "id"})
+    set_widgets(page, {"ckpt_name": ui_server.ckpt_name, "BLoRALoader.lora_name": TINY_BLORA, **SMALL_GRAPH})
+    assert not page.evaluate("app.graph.nodes.some((n) => n.bloraBlockMap)")
+    page.evaluate(_RECORD_EXECUTED)
+    page.evaluate("app.queuePrompt(0)")
+    assert _wait_queue_empty(ui_server)["status"]["status_str"] == "success"
+    page.wait_for_function("() => app.graph.nodes.filter((n) => n.comfyClass === 'BLoRALoader')"
+                           ".every((n) => n.bloraBlockMap?.present.length === 2)", timeout=10_000)
+    assert not [e for e in page.evaluate("window.__executed") if "blora" in e["keys"]]
     errors = unexplained(log.since(mark), baseline)
     assert not errors, _describe(errors)
 

@@ -1,10 +1,13 @@
-// Rebuild the pack's node displays (loss chart, block map) after a page reload or a tab switch. The front end does
-// not call onExecuted for outputs it restores, so this asks this ComfyUI server's /history for the newest prompt
-// queued from this workflow (same graph id) that ran the node, and replays that node's UI output through
-// node.onExecuted. It also replays outputs the queue panel restores ("load workflow" of a history item).
+// Deliver the pack's UI outputs (loss list, block map info) where the host does not call node.onExecuted:
+// - after a page reload or a tab switch: the newest prompt in this ComfyUI server's /history queued from this
+//   workflow (same graph id) that ran the node;
+// - after a prompt in which our nodes were cached: the server sends no `executed` message for cached nodes, but
+//   the prompt's /history entry holds their UI output;
+// - outputs the queue panel restores ("load workflow" of a history item).
+// Each is replayed through node.onExecuted, so the drawing code has one entry point.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
-import { OUTPUT_KEYS } from "./blora_common.js";
+import { nodeByExecutionId, OUTPUT_KEYS } from "./blora_common.js";
 
 const HISTORY_ITEMS = 64;
 
@@ -52,8 +55,44 @@ async function restoreFromHistory() {
   }
 }
 
+/** Replay the UI outputs of our nodes in one finished prompt of the current graph (cached nodes included). */
+async function replayPrompt(promptId) {
+  const graph = app.graph;
+  if (!graph?.nodes?.some((n) => n.comfyClass in OUTPUT_KEYS)) return;
+  try {
+    const response = await api.fetchApi(`/history/${encodeURIComponent(promptId)}`);
+    const item = response.ok ? (await response.json())[promptId] : null;
+    if (item?.prompt?.[3]?.extra_pnginfo?.workflow?.id !== graph.id) return;
+    for (const [id, output] of Object.entries(item.outputs ?? {})) {
+      const node = nodeByExecutionId(id);
+      const key = OUTPUT_KEYS[node?.comfyClass];
+      if (key && output?.[key]) node.onExecuted?.(output);
+    }
+  } catch (error) {
+    console.warn("B-LoRA: could not read the finished prompt from /history", error);
+  }
+}
+
+/** The prompt that succeeded; its history entry exists once the server says nothing is executing. */
+function watchFinishedPrompts() {
+  let succeeded = null;
+  api.addEventListener("execution_success", ({ detail }) => {
+    succeeded = detail?.prompt_id ?? null;
+  });
+  api.addEventListener("executing", ({ detail }) => {
+    if (detail !== null || !succeeded) return;
+    const promptId = succeeded;
+    succeeded = null;
+    replayPrompt(promptId);
+  });
+}
+
 app.registerExtension({
   name: "blora.restore_outputs",
+
+  setup() {
+    watchFinishedPrompts();
+  },
 
   async afterConfigureGraph() {
     await restoreFromHistory();
