@@ -17,6 +17,9 @@ Mechanism (host APIs present in ComfyUI 0.3.64 and later):
 - Only the scheduled / fused layers get a weight function; everything else is an ordinary patch or untouched.
   State lives in the objects registered on the clone (no module or class state); a new run (a new sigma
   schedule) resets it.
+
+Progress is that of the run in flight: a run split over two KSamplerAdvanced nodes (start/end steps) is two runs,
+each from 0 to 1. A model call outside a sampler (no ``sample_sigmas``) is at progress 0.
 """
 from __future__ import annotations
 
@@ -235,4 +238,8 @@ def fused_clone(model, subject: Adapter, style: Adapter, subject_strength: float
                  for p, layer in plan.fused.items()}
     log.info("K-LoRA (%s): %d fused layers, gamma %.4g, %d subject-only, %d style-only", pattern, len(functions),
              plan.gamma, len(plan.subject_only), len(plan.style_only))
+    if not functions:
+        log.warning("K-LoRA: %s and %s share no layer; the result is their plain sum", subject.source or "subject",
+                    style.source or "style")
+        return out, plan
     return _attach(out, tracker, functions), plan
