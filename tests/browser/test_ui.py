@@ -13,10 +13,10 @@ from ui_kit import (ARTIFACTS, DOCS, EXAMPLES, OUR_EXTENSIONS, PACK_WEB, TINY_BL
 
 TRAIN_EXAMPLE = "train_then_apply"  # preferred; else the first example with a Train B-LoRA node
 APPLY_EXAMPLE = "style_transfer"  # preferred; else the first example with Load B-LoRA and no training
-TRAIN_STEPS = 8
+TRAIN_STEPS = 24
 # The training example made cheap for the tiny checkpoint, by widget name (node type prefix where it matters).
 TRAIN_OVERRIDES = {"BLoRATrain.steps": TRAIN_STEPS, "BLoRATrain.resolution": 64, "BLoRATrain.rank": 4,
-                   "BLoRATrain.alpha": 4.0, "BLoRATrain.training_dtype": "fp32",
+                   "BLoRATrain.alpha": 4.0, "BLoRATrain.learning_rate": 1e-3, "BLoRATrain.training_dtype": "fp32",
                    "BLoRATrain.gradient_checkpointing": False, "BLoRATrain.save_every": 0}
 PANELS = {"BLoRATrain": "chart", "BLoRALoader": "blockMap"}
 # Any example graph made cheap for the tiny checkpoint.

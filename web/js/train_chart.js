@@ -20,7 +20,7 @@ class ChartView {
     this.plot = element("div", { position: "relative", flex: "1 1 auto", minHeight: "90px" });
     this.canvas = element("canvas", { position: "absolute", inset: "0", width: "100%", height: "100%",
       borderRadius: "4px" });
-    this.line = element("div", { font: "11px monospace", color: COLORS.text, whiteSpace: "nowrap",
+    this.line = element("div", { font: "10px monospace", color: COLORS.text, whiteSpace: "nowrap",
       overflow: "hidden", textOverflow: "ellipsis", flex: "0 0 auto" });
     this.image = element("img", { display: "none", flex: "0 1 auto", minHeight: "0", maxHeight: "45%",
       objectFit: "contain" });
