@@ -1,7 +1,7 @@
 """The pack in the real front end (ComfyUI's frontend package in Debian's chromium): the extensions load without
 console errors, every example workflow opens with all node types and valid widget values, the training example
 runs on the tiny checkpoint while the loss chart follows the server's progress events, and the chart survives a
-page reload. Screenshots go to tests/artifacts/ (and the README's to docs/)."""
+page reload. Screenshots go to tests/artifacts/; the README's to docs/ with BLORA_UPDATE_DOCS=1."""
 from __future__ import annotations
 
 import math
@@ -83,7 +83,7 @@ def test_every_example_has_a_thumbnail(ui_server):
     assert status == 200 and sorted(templates.get("comfyui-blora", [])) == names, templates
     for name in names:
         status, _ = ui_server.request("GET", f"/api/workflow_templates/comfyui-blora/{name}.jpg")
-        assert status == 200, f"thumbnail {name}.jpg is not served"
+        assert status == 200, f"thumbnail {name}.jpg is not served (run tests/browser/make_thumbnails.py)"
         png = EXAMPLES / f"{name}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png} missing or not a PNG"
 

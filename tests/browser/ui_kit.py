@@ -15,7 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "example_workflows"
 ARTIFACTS = ROOT / "tests" / "artifacts"
-DOCS = ROOT / "docs"
+# README screenshots: docs/ when BLORA_UPDATE_DOCS=1 (then commit them), else tests/artifacts/docs/ so a plain
+# test run leaves the tracked files alone.
+DOCS = ROOT / "docs" if os.environ.get("BLORA_UPDATE_DOCS") == "1" else ROOT / "tests" / "artifacts" / "docs"
 PACK_WEB = "/extensions/comfyui-blora/"
 TINY_BLORA = "tiny_blora.safetensors"  # written into the test server's models/blora by conftest
 OUR_EXTENSIONS = ("blora.train_chart", "blora.block_map", "blora.restore_outputs")
