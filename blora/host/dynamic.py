@@ -24,6 +24,7 @@ each from 0 to 1. A model call outside a sampler (no ``sample_sigmas``) is at pr
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 from functools import partial
 from typing import Callable, Mapping, Sequence
@@ -212,10 +213,17 @@ def _check_pair(subject: Adapter, style: Adapter) -> None:
                                     f"but {b} in the style LoRA ({style.source or '?'}): LoRAs for different models")
 
 
+def _steady_layers(plan: FusionPlan) -> tuple[list[str], list[str]]:
+    """Fused layers whose choice holds over the whole run [0, 1]: (always subject, always style)."""
+    choice = {p: plan.content_intervals(p) for p in plan.fused}
+    return [p for p, iv in choice.items() if iv == [(0.0, math.inf)]], [p for p, iv in choice.items() if not iv]
+
+
 def fused_clone(model, subject: Adapter, style: Adapter, subject_strength: float, style_strength: float,
                 pattern: str = "s") -> tuple[object, FusionPlan]:
     """A clone of ``model`` with K-LoRA fusion of ``subject`` and ``style`` (UNet modules; see blora.fusion).
-    Layers in one LoRA only are ordinary patches; layers in both switch per step between the two deltas."""
+    Layers in one LoRA only, and layers in both whose choice holds over the whole run, are ordinary patches; the
+    others switch per model call between the two deltas."""
     time_scale(pattern)
     _check_pair(subject, style)
     unet_c = [p for p in subject.modules if not p.startswith("te")]
@@ -227,19 +235,19 @@ def fused_clone(model, subject: Adapter, style: Adapter, subject_strength: float
                             style.modules[p].rank, p) for p in both}
     plan = plan_from_stats(stats, [p for p in unet_c if p not in style.modules],
                            [p for p in unet_s if p not in subject.modules], pattern)
-    singles = [(_unet_only(subject, [p for p in unet_c if p not in style.modules]), subject_strength),
-               (_unet_only(style, [p for p in unet_s if p not in subject.modules]), style_strength)]
+    static_c, static_s = _steady_layers(plan)
+    singles = [(_unet_only(subject, [p for p in unet_c if p not in style.modules] + static_c), subject_strength),
+               (_unet_only(style, [p for p in unet_s if p not in subject.modules] + static_s), style_strength)]
     out = patched_clone(model, [(a, s) for a, s in singles if a.modules])
     tracker = ProgressTracker({KLORA_SIGNAL: time_scale(pattern)})
     dtype, device = _delta_dtype(model), model.offload_device
-    functions = {p: SwitchedDelta(tracker, KLORA_SIGNAL, layer.threshold,
+    functions = {p: SwitchedDelta(tracker, KLORA_SIGNAL, plan.fused[p].threshold,
                                   delta_c[p].prepared(subject_strength, dtype, device),
                                   delta_s[p].prepared(style_strength, dtype, device))
-                 for p, layer in plan.fused.items()}
-    log.info("K-LoRA (%s): %d fused layers, gamma %.4g, %d subject-only, %d style-only", pattern, len(functions),
+                 for p in plan.fused if p not in static_c and p not in static_s}
+    log.info("K-LoRA (%s): %d layers switch during the run, %d keep the subject and %d the style throughout, "
+             "gamma %.4g; %d subject-only, %d style-only", pattern, len(functions), len(static_c), len(static_s),
              plan.gamma, len(plan.subject_only), len(plan.style_only))
     if not functions:
-        log.warning("K-LoRA: %s and %s share no layer; the result is their plain sum", subject.source or "subject",
-                    style.source or "style")
         return out, plan
     return _attach(out, tracker, functions), plan
