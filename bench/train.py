@@ -156,7 +156,7 @@ def spawn(variant: str, model: str, steps: int, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--model", model, "--steps", str(steps),
            "--res", str(args.tiny_res if model == "tiny" else args.full_res),
            "--rank", str(args.rank if model == "tiny" else args.full_rank),
-           "--dtype", "fp32" if model == "tiny" else args.full_dtype, "--threads", str(args.threads),
+           "--dtype", "fp32" if model == "tiny" else args.full_dtype, "--threads", str(args.threads if model == "tiny" else args.full_threads),
            "--mem-cap-gb", str(0 if model == "tiny" else args.full_mem_cap_gb)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -164,7 +164,8 @@ def spawn(variant: str, model: str, steps: int, args) -> dict:
         return {"error": f"timed out after {args.timeout:.0f}s"}
     if done.returncode != 0:
         why = "killed (out of memory?)" if done.returncode in (-9, 137) else f"exit {done.returncode}"
-        return {"error": why + ": " + (done.stderr.strip().splitlines() or [""])[-1][:200]}
+        lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip() and not ln.startswith("WARNING")]
+        return {"error": why + ": " + " | ".join(lines[-3:])[:400]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -188,20 +189,21 @@ def summarize(runs: list[dict]) -> dict:
             "loss_first": runs[-1]["losses"][0], "loss_last": runs[-1]["losses"][-1]}
 
 
+def _line(name: str, r: dict) -> str:
+    if "error" in r:
+        return f"  {name}: {r['error']}"
+    return (f"  {name}: {r['wall']:8.3f} s/step wall {r['cpu']:8.3f} s/step cpu   training adds "
+            f"{r['peak_add_mb']:8.1f} MB (peak RSS {r['peak_mb']:.0f} MB)")
+
+
 def row(label: str, result: dict) -> list[str]:
     ours, stock = result["ours"], result["stock"]
-    if "error" in ours:
-        return [f"{label}: ours failed: {ours['error']}"]
-    lines = [f"{label}",
-             f"  ours : {ours['wall']:8.3f} s/step wall {ours['cpu']:8.3f} s/step cpu   training adds "
-             f"{ours['peak_add_mb']:8.1f} MB (peak RSS {ours['peak_mb']:.0f} MB)"]
-    if "error" in stock:
-        return lines + [f"  stock: {stock['error']}"]
-    lines.append(f"  stock: {stock['wall']:8.3f} s/step wall {stock['cpu']:8.3f} s/step cpu   training adds "
-                 f"{stock['peak_add_mb']:8.1f} MB (peak RSS {stock['peak_mb']:.0f} MB)")
-    lines.append(f"  ratio ours/stock: step time {ours['wall'] / stock['wall']:.2f} (wall), "
-                 f"{ours['cpu'] / stock['cpu']:.2f} (cpu); peak memory added "
-                 f"{ours['peak_add_mb'] / stock['peak_add_mb']:.2f}, peak RSS {ours['peak_mb'] / stock['peak_mb']:.2f}")
+    lines = [label, _line("ours ", ours), _line("stock", stock)]
+    if "error" not in ours and "error" not in stock:
+        lines.append(f"  ratio ours/stock: step time {ours['wall'] / stock['wall']:.2f} (wall), "
+                     f"{ours['cpu'] / stock['cpu']:.2f} (cpu); peak memory added "
+                     f"{ours['peak_add_mb'] / stock['peak_add_mb']:.2f}, peak RSS "
+                     f"{ours['peak_mb'] / stock['peak_mb']:.2f}")
     return lines
 
 
@@ -221,6 +223,7 @@ def main() -> None:
     p.add_argument("--full-rank", type=int, default=64)
     p.add_argument("--full-dtype", default="bf16")
     p.add_argument("--full-steps", type=int, default=3)
+    p.add_argument("--full-threads", type=int, default=2)
     p.add_argument("--no-full", action="store_true")
     p.add_argument("--no-tiny", action="store_true")
     p.add_argument("--out", default=str(RESULTS), help="where the table is written")
@@ -231,8 +234,9 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    header = (f"bench/train.py on {platform.machine()} {os.cpu_count()} CPU(s), torch threads {args.threads}, "
-              f"{time.strftime('%Y-%m-%d %H:%M')}")
+    header = (f"bench/train.py on {platform.machine()} {os.cpu_count()} CPU(s), torch threads {args.threads} (tiny) / "
+              f"{args.full_threads} (full), {time.strftime('%Y-%m-%d %H:%M')}; CPU time is the steadier figure on a "
+              f"shared machine")
     lines = [header]
     if not args.no_tiny:
         tiny = measure("tiny", args.tiny_steps, args)

@@ -119,6 +119,14 @@ def test_only_targets_train_and_the_base_model_never_changes(node, model, vae, h
     assert all(float(m.tensors["up"].abs().sum()) > 0 for m in blora.modules.values())
     assert len(ui["loss"]) == 3 and all(isinstance(x, float) for x in ui["loss"]) and ui["elapsed"][0] > 0
     assert written(host_dirs) == ["t/blora_00001_.safetensors"]
+    meta = read_adapter(host_dirs / "output" / "loras" / "t" / "blora_00001_.safetensors").metadata
+    assert {k: meta[k] for k in ("blora.roles", "blora.blocks", "blora.rank", "blora.alpha", "blora.algorithm",
+                                 "blora.steps", "blora.learning_rate", "blora.seed", "blora.resolution",
+                                 "blora.base_model", "blora.dialect")} == {
+        "blora.roles": "content,style", "blora.blocks": "OUT0,OUT1", "blora.rank": "4", "blora.alpha": "4",
+        "blora.algorithm": "LoRA", "blora.steps": "3", "blora.learning_rate": "0.01", "blora.seed": "0",
+        "blora.resolution": "64", "blora.base_model": "TinySDXL", "blora.dialect": "kohya"}
+    assert re.fullmatch(r"[0-9a-f]{16}", meta["blora.base_model_hash"]) and meta["blora.version"] != "unknown"
     assert_untouched(model, before, sample_before)
     assert not torch.equal(sample(out_model), sample_before)
 
