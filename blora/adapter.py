@@ -34,14 +34,20 @@ class ModuleAdapter:
     delta_weight ignores (it is the weight's delta); the host applies it to the bias.
     alpha: as stored in the file; None when the file stores none (scale 1, i.e. alpha = rank).
     dora_scale: DoRA magnitude as stored ((out, 1) output axis or (1, in) input axis), or None.
+    dora_norm: None = render dora_scale as the host does (kohya/LyCORIS files); "adapted" = PEFT/paper DoRA
+    (a PEFT ``lora_magnitude_vector``): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ per output row, which ``blora.host`` renders
+    itself (stock ComfyUI's output-axis branch divides by the un-adapted ‖W‖ instead).
     """
 
     kind: str
     tensors: Mapping[str, torch.Tensor]
     alpha: float | None = None
     dora_scale: torch.Tensor | None = None
+    dora_norm: str | None = None
 
     def __post_init__(self) -> None:
+        if self.dora_norm not in (None, "adapted"):
+            raise BLoRAError(f"unknown DoRA norm {self.dora_norm!r} (None or 'adapted')")
         if self.kind not in KIND_TENSORS:
             raise BLoRAError(f"unknown adapter kind {self.kind!r}")
         required, optional = KIND_TENSORS[self.kind]

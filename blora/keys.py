@@ -8,6 +8,7 @@ lora_alpha (rsLoRA stored as alpha·√r so that alpha/r is PEFT's alpha/√r).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping
@@ -20,6 +21,8 @@ from .dialects import (BIAS_SUFFIX, BY_NAME, DIALECTS, EXTENDED_SUFFIXES, PEFT_C
                        SUFFIXES_LONGEST_FIRST, WRAPPER_PREFIX, WRITABLE, Dialect)
 from .errors import AdapterFileError, BLoRAError
 from .metadata import trigger_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,8 @@ def _build(parts: Mapping[str, _Part], where: str, target: tuple[str, str],
     tensors = {n: p.tensor for n, p in parts.items() if p.kind == kind or n == "diff_b"}
     main = next(p for p in parts.values() if p.kind == kind)
     try:
-        module = ModuleAdapter(kind, tensors, _alpha(parts, where), _dora(parts, tensors))
+        peft_dora = "adapted" if "magnitude" in parts and "dora_scale" not in parts else None
+        module = ModuleAdapter(kind, tensors, _alpha(parts, where), _dora(parts, tensors), peft_dora)
     except BLoRAError as e:
         raise AdapterFileError(where, str(e), main.key) from None
     _check_shapes(module, parts, where, main.key)
@@ -180,7 +184,7 @@ def _check_shapes(module: ModuleAdapter, parts: Mapping[str, _Part], where: str,
                 raise AdapterFileError(where, f"LoKr needs {f} or both {a} and {b} with matching rank", key)
     if module.dora_scale is not None and module.kind == "lora":
         out, inp = module.out_in
-        if module.dora_scale.shape[0] != out and module.dora_scale.numel() != inp:
+        if module.dora_scale.shape[0] != out and (module.dora_norm or module.dora_scale.numel() != inp):
             dkey = (parts.get("dora_scale") or parts["magnitude"]).key
             raise AdapterFileError(where, f"DoRA scale of shape {tuple(module.dora_scale.shape)} fits neither the "
                                           f"output ({out}) nor the input ({inp}) axis", dkey)
@@ -228,10 +232,17 @@ def from_canonical(adapter: Adapter, dialect: str) -> dict[str, torch.Tensor]:
     """The state dict of ``adapter`` in ``dialect`` (kohya, comfy, diffusers, peft, kohya_diffusers,
     diffusers_doubled, lycoris). Alpha dialects always get an explicit 0-d float32 ``.alpha`` (alpha = rank when the
     adapter has none); the others get alpha/rank folded into ``up``. LoHa, LoKr, full diffs, bias diffs, LoCon mid
-    tensors and DoRA scales need an alpha (extended) dialect: others refuse them, naming the module."""
+    tensors and DoRA scales need an alpha (extended) dialect: others refuse them, naming the module. PEFT DoRA
+    (``dora_norm`` "adapted") is written as its (out, 1) dora_scale with a warning: stock ComfyUI renders that file
+    with its own output-axis formula, not PEFT's."""
     if dialect not in WRITABLE:
         raise BLoRAError(f"cannot write dialect {dialect!r}: choose one of {', '.join(WRITABLE)}")
     spec = BY_NAME[dialect]
+    peft_dora = sum(m.dora_norm == "adapted" for m in adapter.modules.values())
+    if peft_dora and spec.extended:
+        log.warning("%s: %d PEFT DoRA module(s) written as an (out, 1) dora_scale; stock ComfyUI renders that with "
+                    "its output-axis formula (norm of the un-adapted weight), not PEFT's, and so does B-LoRA once the "
+                    "file is read back: keep the PEFT file to render it exactly", adapter.source or "adapter", peft_dora)
     out: dict[str, torch.Tensor] = {}
     for path in sorted(adapter.modules):
         module = adapter.modules[path]

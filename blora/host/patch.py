@@ -4,6 +4,11 @@ Each adapter is written in the kohya LDM dialect (``blora.keys.from_canonical``)
 ``comfy.lora.load_lora`` with the host's key map, so the patched weights are exactly those stock
 ``LoraLoaderModelOnly`` gives for the same kohya file (LoRA, LoHa, LoKr and DoRA alike). What the host would skip
 quietly (modules missing from the model, shape mismatches, keys it cannot load) is refused before patching.
+
+One exception: PEFT DoRA (a ``lora_magnitude_vector``, ``ModuleAdapter.dora_norm == "adapted"``), which stock
+ComfyUI does not read and whose output-axis ``dora_scale`` form it would render with the norm of the un-adapted
+weight. Such a module is rendered here with PEFT's formula against the model's current weight W and handed to the
+host as a full-rank diff D = m ⊙ (W + ΔW) / ‖W + ΔW‖_row − W, so strength s gives W + s·D (ComfyUI's DoRA strength).
 """
 from __future__ import annotations
 
@@ -12,8 +17,9 @@ from dataclasses import replace
 from typing import Mapping, Sequence
 
 import comfy.lora
+import torch
 
-from ..adapter import Adapter, check_fits
+from ..adapter import Adapter, ModuleAdapter, check_fits, delta_weight
 from ..blocks import ROLES
 from ..errors import ArchitectureError, BLoRAError
 from ..keys import from_canonical
@@ -23,6 +29,7 @@ log = logging.getLogger(__name__)
 UNET_PREFIX = "diffusion_model."
 TEXT_ENCODER_PREFIXES = ("te1:", "te2:")
 SHOWN = 5  # module names quoted in an error before "… and N more"
+PEFT_DORA = "adapted"  # ModuleAdapter.dora_norm of PEFT/paper DoRA
 
 
 def model_weight_shapes(model) -> dict[str, tuple[int, ...]]:
@@ -90,11 +97,51 @@ def host_patches(adapter: Adapter, key_map: Mapping[str, str]) -> dict:
     return patches
 
 
+def current_weight(key_patches: Mapping[str, list], path: str) -> torch.Tensor:
+    """fp32 weight of module ``path`` as the model renders it (its stored weight, never an in-place patched one, with
+    the model's own patches). key_patches: ``ModelPatcher.get_key_patches(UNET_PREFIX)``."""
+    key = UNET_PREFIX + path + ".weight"
+    (weight, convert), *patches = key_patches[key]
+    w = convert(weight.to(torch.float32, copy=True), inplace=True)
+    return comfy.lora.calculate_weight(patches, w, key) if patches else w
+
+
+def peft_dora_diff(module: ModuleAdapter, weight: torch.Tensor, dtype: torch.dtype) -> ModuleAdapter:
+    """The full-rank diff D = m ⊙ (W + ΔW) / ‖W + ΔW‖_row − W of a PEFT DoRA module (PEFT's formula: norm of the
+    adapted weight over all but the output axis, no eps; an all-zero row stays zero), as a ``full`` module of dtype."""
+    delta = delta_weight(module)
+    w = weight.to(delta.device, torch.float32)
+    adapted = w + delta
+    shape = (adapted.shape[0],) + (1,) * (adapted.ndim - 1)
+    norm = adapted.reshape(adapted.shape[0], -1).norm(dim=1).reshape(shape)
+    magnitude = module.dora_scale.to(delta.device, torch.float32).reshape(shape)
+    diff = adapted * (magnitude / norm.clamp_min(torch.finfo(torch.float32).tiny)) - w
+    extra = {"diff_b": module.tensors["diff_b"]} if "diff_b" in module.tensors else {}
+    return ModuleAdapter("full", {"diff": diff.to(dtype), **extra})
+
+
+def _render_peft_dora(model, parts: Sequence[tuple[Adapter, float]]) -> list[tuple[Adapter, float]]:
+    """The parts with every PEFT DoRA module replaced by its diff against the model's current weight."""
+    if not any(m.dora_norm == PEFT_DORA for a, _ in parts for m in a.modules.values()):
+        return list(parts)
+    key_patches = model.get_key_patches(UNET_PREFIX)
+
+    def render(path: str, module: ModuleAdapter) -> ModuleAdapter:
+        if module.dora_norm != PEFT_DORA:
+            return module
+        stored = key_patches[UNET_PREFIX + path + ".weight"][0][0].dtype
+        dtype = stored if stored.itemsize >= 2 else torch.bfloat16  # 8-bit weights: a 16-bit diff
+        return peft_dora_diff(module, current_weight(key_patches, path), dtype)
+
+    return [(replace(a, modules={p: render(p, m) for p, m in a.modules.items()}), s) for a, s in parts]
+
+
 def patched_clone(model, parts: Sequence[tuple[Adapter, float]]):
     """A clone of ``model`` (ModelPatcher) with each adapter added at its strength: W' = W + s·ΔW per module.
 
     The base model is never modified. Everything is checked before the clone is patched: an SDXL-architecture
-    model, every module present with its shape. Text-encoder modules are ignored; strength-0 parts are skipped."""
+    model, every module present with its shape. Text-encoder modules are ignored; strength-0 parts are skipped.
+    PEFT DoRA modules are rendered with PEFT's formula against the input model's current weight (module docstring)."""
     shapes = model_weight_shapes(model)
     require_sdxl(model, shapes)
     unet_parts = [(_unet_part(adapter), float(strength)) for adapter, strength in parts]
@@ -103,6 +150,7 @@ def patched_clone(model, parts: Sequence[tuple[Adapter, float]]):
     todo = [(a, s) for a, s in unet_parts if a.modules and s != 0.0]
     if not todo:
         return model.clone()
+    todo = _render_peft_dora(model, todo)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     loaded = [(host_patches(adapter, key_map), strength, adapter) for adapter, strength in todo]
     clone = model.clone()

@@ -81,6 +81,39 @@ def test_dora_scale_kept_as_stored_and_peft_magnitude_on_the_output_axis():
     assert torch.equal(module.dora_scale[:, 0], mag)
 
 
+def test_peft_magnitude_is_marked_for_peft_rendering_and_kohya_dora_scale_is_not():
+    path = f"{STYLE}.transformer_blocks.0.attn2.to_k"
+    peft = to_canonical(make_state_dict("peft", PAIR, rank=4, seed=0, dora=True))
+    kohya = to_canonical(make_state_dict("kohya", PAIR, rank=4, seed=0, dora=True))
+    plain = to_canonical(make_state_dict("peft", PAIR, rank=4, seed=0))
+    assert {m.dora_norm for m in peft.modules.values()} == {"adapted"}
+    assert {m.dora_norm for m in kohya.modules.values()} == {None}
+    assert {m.dora_norm for m in plain.modules.values()} == {None}
+    assert peft.modules[path].to(torch.float16).dora_norm == "adapted"  # kept through copies
+
+
+def test_peft_dora_written_as_kohya_warns_and_keeps_the_output_axis_scale(caplog):
+    path = f"{STYLE}.transformer_blocks.0.attn2.to_k"
+    adapter = to_canonical(make_state_dict("peft", PAIR, rank=4, seed=0, dora=True), "peft.safetensors")
+    with caplog.at_level("WARNING", logger="blora.keys"):
+        sd = from_canonical(adapter, "kohya")
+    assert "PEFT DoRA" in caplog.text and "peft.safetensors" in caplog.text
+    scale = sd["lora_unet_" + path.replace(".", "_") + ".dora_scale"]
+    assert torch.equal(scale, adapter.modules[path].dora_scale) and scale.shape == (128, 1)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="blora.keys"):
+        from_canonical(to_canonical(make_state_dict("kohya", PAIR, rank=4, seed=0, dora=True)), "kohya")
+    assert "PEFT DoRA" not in caplog.text
+
+
+def test_peft_magnitude_of_input_size_is_an_error():
+    sd = make_state_dict("peft", PAIR, rank=4, seed=0, dora=True)
+    key = next(k for k in sd if k.endswith("attn2.to_k.lora_magnitude_vector") and "attentions.1" in k)
+    sd[key] = torch.ones(64)
+    with pytest.raises(AdapterFileError, match="lora_magnitude_vector"):
+        to_canonical(sd, "bad.safetensors")
+
+
 def test_peft_metadata_alpha_and_rslora():
     sd = make_state_dict("peft", PAIR, rank=4, seed=0)
     plain = to_canonical(sd, metadata={"lora_adapter_metadata": '{"unet.r": 4, "unet.lora_alpha": 8}'})

@@ -79,33 +79,80 @@ def test_every_dialect_patches_exactly_content_and_style(nodes, host_dirs, tiny_
 
 
 def dora_reference(weight, delta, scale_tensor, strength):
-    """DoRA as ComfyUI renders it (comfy/weight_adapter/base.py weight_decompose): input-axis scales normalise the
-    adapted weight per column; output-axis scales normalise by the un-adapted weight per row (the host's way)."""
+    """DoRA as ComfyUI renders an input-axis (1, in) dora_scale (comfy/weight_adapter/base.py weight_decompose):
+    the adapted weight normalised per column, plus the host's eps; strength interpolates."""
     w, adapted = weight.float(), weight.float() + delta
-    if scale_tensor.shape[0] == w.shape[0]:
-        norm = w.norm(dim=1, keepdim=True)
-    else:
-        norm = adapted.norm(dim=0, keepdim=True)
-    norm = norm + torch.finfo(torch.float32).eps
+    norm = adapted.norm(dim=0, keepdim=True) + torch.finfo(torch.float32).eps
     target = adapted * (scale_tensor.float() / norm)
     return w + strength * (target - w)
 
 
-@pytest.mark.parametrize("dialect", ["kohya", "peft"])
-def test_dora_files_render_as_the_host_renders_dora(nodes, host_dirs, tiny_model, dialect):
+def test_dora_files_render_as_the_host_renders_dora(nodes, host_dirs, tiny_model):
     shapes = blora_shapes(TINY_ATTN_SHAPES)
-    sd = make_state_dict(dialect, shapes, rank=RANK, seed=5, alpha=None if dialect == "peft" else ALPHA, dora=True)
+    sd = make_state_dict("kohya", shapes, rank=RANK, seed=5, alpha=ALPHA, dora=True)
     write_lora(host_dirs / "models" / "loras", "dora.safetensors", sd)
-    alpha = None if dialect == "peft" else ALPHA
-    deltas = reference_deltas(shapes, rank=RANK, seed=5, alpha=alpha)
+    deltas = reference_deltas(shapes, rank=RANK, seed=5, alpha=ALPHA)
     f = factors(shapes, RANK, 5, dora=True)
     base = base_weights(tiny_model)
     adapter = load(nodes, "dora.safetensors")
     got = patched_weights(apply(nodes, tiny_model, content=adapter, style=adapter, c=0.7, s=1.0))
     for path in shapes:
         strength = 0.7 if in_block(path, CONTENT) else 1.0
-        scale = f[path]["dora_out"].reshape(-1, 1) if dialect == "peft" else f[path]["dora_in"].reshape(1, -1)
+        scale = f[path]["dora_in"].reshape(1, -1)
         assert_rel_close(got[path], dora_reference(base[path], deltas[path], scale, strength), rtol=2e-6, what=path)
+
+
+def peft_dora_reference(weight, delta, magnitude, strength):
+    """PEFT / paper DoRA (Liu et al. 2024, eq. 5), in float64: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ with the norm of the
+    adapted weight per output row; strength s gives W + s·(W' − W) (ComfyUI's DoRA strength)."""
+    w = weight.double()
+    adapted = w + delta.double()
+    row_norm = adapted.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.ndim - 1))
+    target = adapted * magnitude.double().reshape(row_norm.shape) / row_norm
+    return w + strength * (target - w)
+
+
+def host_output_axis_reference(weight, delta, magnitude):
+    """What stock ComfyUI's output-axis branch gives at strength 1: normalised by the un-adapted weight's rows."""
+    w = weight.double()
+    return (w + delta.double()) * magnitude.double().reshape(-1, 1) / w.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_peft_dora_renders_with_peft_formula(nodes, host_dirs, tiny_model, strength):
+    shapes = blora_shapes(TINY_ATTN_SHAPES)
+    write_lora(host_dirs / "models" / "loras", "peft_dora.safetensors",
+               make_state_dict("peft", shapes, rank=RANK, seed=5, alpha=ALPHA, dora=True))
+    deltas = reference_deltas(shapes, rank=RANK, seed=5, alpha=ALPHA)
+    f = factors(shapes, RANK, 5, dora=True)
+    base = base_weights(tiny_model)
+    adapter = load(nodes, "peft_dora.safetensors")
+    got = patched_weights(apply(nodes, tiny_model, content=adapter, style=adapter, c=strength, s=strength))
+    apart = 0.0
+    for path in shapes:
+        expected = peft_dora_reference(base[path], deltas[path], f[path]["dora_out"], strength)
+        assert_rel_close(got[path], expected, rtol=2e-6, what=path)
+        host = host_output_axis_reference(base[path], deltas[path], f[path]["dora_out"])
+        apart = max(apart, (host - peft_dora_reference(base[path], deltas[path], f[path]["dora_out"], 1.0)).abs().max())
+    assert apart > 1e-3  # the two formulas differ measurably on these weights, so the check above can tell them apart
+    assert all(torch.equal(w, base[p]) for p, w in base_weights(tiny_model).items())
+
+
+def test_peft_dora_normalises_the_weight_the_input_model_renders(nodes, host_dirs, tiny_model):
+    """A model already carrying a LoRA (stock loader) on the same modules: PEFT DoRA normalises W + ΔW_prev."""
+    loras = host_dirs / "models" / "loras"
+    content = {p: s for p, s in TINY_ATTN_SHAPES.items() if in_block(p, CONTENT)}
+    write_lora(loras, "prev.safetensors", make_state_dict("kohya", content, RANK, 13, ALPHA))
+    write_lora(loras, "peft_dora.safetensors", make_state_dict("peft", content, RANK, 5, dora=True))
+    prev, deltas = reference_deltas(content, RANK, 13, ALPHA), reference_deltas(content, RANK, 5)
+    f = factors(content, RANK, 5, dora=True)
+    base = base_weights(tiny_model)
+    got = patched_weights(apply(nodes, stock_patched(tiny_model, ("prev.safetensors", 1.0)),
+                                content=load(nodes, "peft_dora.safetensors"), c=0.5))
+    for path in content:
+        current = base[path].double() + prev[path].double()
+        expected = peft_dora_reference(current, deltas[path], f[path]["dora_out"], 0.5)
+        assert_rel_close(got[path], expected, rtol=2e-6, what=path)
 
 
 def stock_patched(model, *files_and_strengths):
