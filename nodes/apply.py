@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..blora.adapter import Adapter
 from ..blora.host import patched_clone
 from ..blora.weights import STRENGTH_MODES, block_weight_parts, parse_block_weights, role_parts
-from .types import BLoRA, strength
+from .types import BLoRA, role_inputs, strength
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +26,7 @@ class BLoRAApply(io.ComfyNode):
                         "each with its own strength. Returns a patched clone; the input model is not changed.",
             inputs=[
                 io.Model.Input("model", tooltip="SDXL-architecture model; a patched clone is returned."),
-                BLoRA.Input("content", optional=True,
-                            tooltip="B-LoRA whose content block (output_blocks.0.1, OUT0) is applied."),
-                BLoRA.Input("style", optional=True,
-                            tooltip="B-LoRA whose style block (output_blocks.1.1, OUT1) is applied."),
-                BLoRA.Input("layout", optional=True,
-                            tooltip="B-LoRA whose layout block (input_blocks.8.1, IN08) is applied."),
+                *role_inputs(),
                 strength("content_strength", "Strength of the content block; negative values subtract it."),
                 strength("style_strength", "Strength of the style block; negative values subtract it."),
                 strength("layout_strength", "Strength of the layout block; negative values subtract it."),

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from ..blora.adapter import Adapter
 from ..blora.host.dynamic import scheduled_clone
 from ..blora.schedule import parse_schedule
-from .types import BLoRA
+from .types import BLoRA, role_inputs
 
 SCHEDULE_HELP = ("Keyframes progress:strength separated by commas, e.g. '0:1.0, 0.6:0.3' (progress 0 = first step, "
                  "1 = last step of the run; linear between keyframes, held before the first and after the last). "
@@ -28,12 +28,7 @@ class BLoRASchedule(io.ComfyNode):
                         "ordinary patches; scheduled blocks update their layers' weights at every step.",
             inputs=[
                 io.Model.Input("model", tooltip="SDXL-architecture model; a patched clone is returned."),
-                BLoRA.Input("content", optional=True,
-                            tooltip="B-LoRA whose content block (output_blocks.0.1, OUT0) is applied."),
-                BLoRA.Input("style", optional=True,
-                            tooltip="B-LoRA whose style block (output_blocks.1.1, OUT1) is applied."),
-                BLoRA.Input("layout", optional=True,
-                            tooltip="B-LoRA whose layout block (input_blocks.8.1, IN08) is applied."),
+                *role_inputs(),
                 _schedule_input("content", "1.0"),
                 _schedule_input("style", "0:0.0, 0.3:1.0"),
                 _schedule_input("layout", "1.0"),

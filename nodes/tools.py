@@ -12,7 +12,7 @@ from ..blora.adapter import Adapter, merge, select
 from ..blora.errors import BLoRAError
 from ..blora.files import safe_path, write_adapter
 from ..blora.weights import role_parts
-from .types import BLoRA
+from .types import BLoRA, role_inputs
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,7 @@ class BLoRAMerge(io.ComfyNode):
             description="One adapter holding the content block of one B-LoRA, the style block of another and "
                         "optionally the layout block of a third; connect Save B-LoRA to share it as one file.",
             inputs=[
-                BLoRA.Input("content", optional=True, tooltip="Adapter whose content block (output_blocks.0.1) "
-                                                              "is taken."),
-                BLoRA.Input("style", optional=True, tooltip="Adapter whose style block (output_blocks.1.1) is taken."),
-                BLoRA.Input("layout", optional=True, tooltip="Adapter whose layout block (input_blocks.8.1) is "
-                                                             "taken."),
+                *role_inputs("is taken"),
             ],
             outputs=[BLoRA.Output(display_name="blora", tooltip="The merged adapter.")])
 
