@@ -228,7 +228,7 @@ def main() -> None:
     p.add_argument("--no-tiny", action="store_true")
     p.add_argument("--out", default=str(RESULTS), help="where the table is written")
     p.add_argument("--mem-cap-gb", type=float, default=0.0)
-    p.add_argument("--full-mem-cap-gb", type=float, default=13.0,
+    p.add_argument("--full-mem-cap-gb", type=float, default=20.0,
                    help="data-segment limit of each full-model run (an allocation error, reported, instead of OOM)")
     p.add_argument("--timeout", type=float, default=3600.0)
     args = p.parse_args()
