@@ -34,10 +34,12 @@ def tiny_model_config():
 def init_weights_(module: torch.nn.Module, seed: int = 0) -> None:
     """comfy ops skip initialisation: fill every parameter deterministically (small random values)."""
     gen = torch.Generator().manual_seed(seed)
+    norm_weights = {f"{m_name}.weight" if m_name else "weight" for m_name, m in module.named_modules()
+                    if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))}
     with torch.no_grad():
         for name, p in sorted(module.named_parameters()):
             if p.ndim == 1:
-                fill = torch.ones(p.shape) if name.endswith("norm.weight") or ".norm" in name and name.endswith("weight") else torch.zeros(p.shape)
+                fill = torch.ones(p.shape) if name in norm_weights else torch.zeros(p.shape)
                 p.copy_(fill + 0.01 * torch.randn(p.shape, generator=gen))
             else:
                 fan_in = p[0].numel()
