@@ -49,14 +49,9 @@ def node(pack):
 
 @pytest.fixture
 def model(comfy_host):
-    """Tiny SDXL model made under inference mode (its weights are inference tensors, as a loader node's are),
-    norms at 1 so the adapters can move the output."""
+    """Tiny SDXL model made under inference mode (its weights are inference tensors, as a loader node's are)."""
     with torch.inference_mode():
-        patcher = tiny_sdxl_model(0)
-        for m in patcher.model.diffusion_model.modules():
-            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
-                m.weight.fill_(1.0)
-    return patcher
+        return tiny_sdxl_model(0)
 
 
 @pytest.fixture(scope="module")
