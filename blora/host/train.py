@@ -92,7 +92,8 @@ def _fit(model, adapters, samples, schedule: ModelSchedule, config: TrainConfig,
     state = TrainState(config, unet, schedule, samples, adapters, make_optimizer(adapters, config),
                        torch.amp.GradScaler(clone.load_device.type, enabled=config.training_dtype == "fp16"),
                        dict(clone.model_options.get("transformer_options", {})),
-                       base.manual_cast_dtype or base.get_dtype(), clone.load_device, steps_before)
+                       base.manual_cast_dtype or base.get_dtype(), clone.load_device, steps_before,
+                       latent_format=base.latent_format)
     try:
         with frozen_aliases(unet), checkpointed(grad_region(unet, list(adapters)), config.gradient_checkpointing), \
                 torch.enable_grad():

@@ -11,6 +11,7 @@ from typing import Callable
 
 import comfy.model_management
 import comfy.utils
+import latent_preview
 import torch
 
 from ..errors import BLoRAError
@@ -20,6 +21,7 @@ from ..training import (TrainConfig, diffusion_loss, sample_batch, sample_flips,
 from .train_inputs import ModelSchedule, Sample, batch_of
 
 PROGRESS_EVENT = "blora.train.progress"
+PREVIEW_INTERVAL_S = 1.0  # at most one preview image a second (decoding one costs a little)
 
 
 @dataclass
@@ -39,6 +41,8 @@ class TrainState:
     dtype: torch.dtype
     device: torch.device
     steps_before: int = 0
+    latent_format: object | None = None
+    denoised: torch.Tensor | None = None  # the last micro-batch's x0 estimate (first item), kept for previews
 
 
 def micro_loss(state: TrainState, draw: int) -> torch.Tensor:
@@ -55,6 +59,10 @@ def micro_loss(state: TrainState, draw: int) -> torch.Tensor:
     t = ms.timestep(sigma).float()
     out = state.unet(xc.to(state.dtype), t, context=context.to(state.dtype), y=y.to(state.dtype), control=None,
                      transformer_options=dict(state.transformer_options))
+    if state.latent_format is not None:
+        with torch.no_grad():
+            noisy = ms.noise_scaling(sigma[:1], noise[:1], x0[:1])
+            state.denoised = ms.calculate_denoised(sigma[:1], out[:1].detach().float(), noisy)
     return diffusion_loss(out, training_target(state.schedule.prediction, x0, noise, sigma))
 
 
@@ -88,6 +96,13 @@ def progress_sender(node_id: str | None) -> Callable[[dict], None] | None:
     return lambda payload: instance.send_sync(PROGRESS_EVENT, dict(payload, node=node_id), instance.client_id)
 
 
+def preview_decoder(state: TrainState):
+    """The host's latent previewer (None unless previews are on: ``--preview-method``), as KSampler uses it."""
+    if state.latent_format is None:
+        return None
+    return latent_preview.get_previewer(state.device, state.latent_format)
+
+
 def run_loop(state: TrainState, node_id: str | None = None,
              on_checkpoint: Callable[[int], None] | None = None) -> list[float]:
     """Train ``config.steps`` steps; returns the loss of each. Raises the host's InterruptProcessingException
@@ -95,12 +110,17 @@ def run_loop(state: TrainState, node_id: str | None = None,
     c = state.config
     bar = comfy.utils.ProgressBar(c.steps, node_id=node_id)
     send = progress_sender(node_id)
+    previewer = preview_decoder(state)
+    state.latent_format = state.latent_format if previewer is not None else None
     losses: list[float] = []
-    start = time.monotonic()
+    start = last_preview = time.monotonic()
     for step in range(c.steps):
         comfy.model_management.throw_exception_if_processing_interrupted()
         losses.append(train_step(state, step))
-        bar.update(1)
+        preview = None
+        if previewer is not None and (time.monotonic() - last_preview >= PREVIEW_INTERVAL_S or step + 1 == c.steps):
+            preview, last_preview = previewer.decode_latent_to_preview_image("JPEG", state.denoised), time.monotonic()
+        bar.update_absolute(step + 1, c.steps, preview)
         if send is not None:
             send({"step": step + 1, "steps": c.steps, "loss": losses[-1], "elapsed": time.monotonic() - start})
         done = step + 1

@@ -221,6 +221,27 @@ def test_progress_goes_to_the_ui_and_the_front_end(node, model, vae, host_dirs, 
         [("17", 1, 2, ui["loss"][0]), ("17", 2, 2, ui["loss"][1])]
 
 
+def test_previews_follow_the_hosts_preview_setting(node, model, vae, host_dirs, monkeypatch):
+    """With previews on (--preview-method), the node shows the x0 estimate of the step as KSampler does (host
+    progress hook, JPEG); with previews off (the default) no preview is decoded; the losses are the same."""
+    import comfy.cli_args
+    import comfy.utils
+    import latent_preview
+
+    previews = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda v, t, p, node_id=None: previews.append((v, p)))
+    _, _, ui_off = train(node, model, vae, steps=2)
+    assert [p for _, p in previews] == [None, None]
+    previews.clear()
+    monkeypatch.setattr(comfy.cli_args.args, "preview_method", latent_preview.LatentPreviewMethod.Latent2RGB)
+    _, _, ui_on = train(node, model, vae, steps=2)
+    last_step, last = previews[-1]
+    assert last_step == 2 and last is not None and last[0] == "JPEG"
+    assert last[1].size == (8, 8)  # the 64 px image's 8x8 latent, decoded by latent2rgb
+    assert ui_on["loss"] == ui_off["loss"]
+
+
 @pytest.mark.parametrize("blocks, first", [("content+style", "output_blocks.0.1"), ("style", "output_blocks.1.1"),
                                            ("content+style+layout", "input_blocks.8.1")])
 def test_no_backward_work_before_the_first_trained_block(node, model, vae, host_dirs, blocks, first):
