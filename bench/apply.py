@@ -16,71 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchkit import ROOT, clock, full_sdxl_model, progress, run_stamp, setup_host, step_times
+
 RESULTS = ROOT / "bench" / "RESULTS-apply.txt"
 ATTN_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
-FULL_SDXL_EXTRA = {"image_size": 32, "use_checkpoint": False, "in_channels": 4, "out_channels": 4,
-                   "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "use_spatial_transformer": True,
-                   "legacy": False, "num_classes": "sequential", "num_head_channels": 64,
-                   "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-                   "use_temporal_attention": False, "use_temporal_resblock": False}
-
-
-_T0 = time.perf_counter()
-
-
-def progress(message: str) -> None:
-    """Where the run is (stderr, so the table on stdout stays clean)."""
-    print(f"[{time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def setup_host() -> None:
-    host = os.environ.get("COMFYUI_PATH")
-    if not host or not (Path(host) / "comfy").is_dir():
-        sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
-    sys.path[:0] = [host]
-    sys.path += [str(ROOT), str(ROOT / "tests")]
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
-
-
-def fill_random_(module, dtype, seed: int = 0) -> None:
-    """Random weights, fast: one shared normal buffer, scaled by 1/sqrt(fan_in) per matrix (comfy ops skip init)."""
-    import torch
-
-    params = list(module.named_parameters())
-    noise = torch.randn(max(p.numel() for _, p in params), generator=torch.Generator().manual_seed(seed)).to(dtype)
-    with torch.no_grad():
-        for name, p in params:
-            if p.ndim == 1:
-                p.fill_(1.0 if "norm" in name else 0.0)
-            else:
-                p.copy_(noise[:p.numel()].view(p.shape)).mul_(1.0 / p[0].numel() ** 0.5)
-
-
-def full_sdxl_model(dtype):
-    """ModelPatcher around a full-width SDXL UNet (comfy.supported_models.SDXL's unet_config), random weights."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    import torch
-
-    config = dict(comfy.supported_models.SDXL.unet_config, **FULL_SDXL_EXTRA)
-    model_config = comfy.supported_models.SDXL(config)
-    model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({})
-    fill_random_(model.diffusion_model, dtype)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
 def write_original_blora(path: Path, shapes: dict, rank: int, seed: int = 1) -> int:
@@ -112,11 +56,6 @@ def write_kohya_twin(original: Path, kohya: Path) -> None:
 
     save_file({k: v.contiguous() for k, v in from_canonical(read_adapter(str(original)), "kohya").items()},
               str(kohya))
-
-
-def clock() -> float:
-    """CPU seconds of this process (all threads): steadier than wall time on a shared machine."""
-    return time.process_time()
 
 
 def time_ours(model, path: Path) -> tuple[dict, object]:
@@ -152,21 +91,6 @@ def patched_weights(clone, keys) -> dict:
     return {k: sd[k].detach().clone() for k in keys}
 
 
-def step_times(model, latent_hw: int, context_dim: int, steps: int) -> list[float]:
-    import comfy.sample
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    noise = torch.randn(1, 4, latent_hw, latent_hw, generator=gen)
-    cond = [[torch.randn(1, 77, context_dim, generator=gen),
-             {"pooled_output": torch.randn(1, 1280, generator=gen), "width": 8 * latent_hw,
-              "height": 8 * latent_hw}]]
-    stamps = []
-    comfy.sample.sample(model, noise, steps, 1.0, "euler", "normal", cond, cond, torch.zeros_like(noise),
-                        callback=lambda *a: stamps.append(clock()), disable_pbar=True, seed=0)
-    return [b - a for a, b in zip(stamps, stamps[1:])]
-
-
 def bench_model(label, model, rank, latent_hw, context_dim, repeats, sample_repeats, steps, workdir: Path) -> dict:
     import folder_paths
 
@@ -195,8 +119,8 @@ def bench_model(label, model, rank, latent_hw, context_dim, repeats, sample_repe
     base_steps, patched_steps = [], []
     for i in range(sample_repeats):
         progress(f"{label}: sampling, repeat {i + 1}/{sample_repeats}")
-        base_steps += step_times(model, latent_hw, context_dim, steps)
-        patched_steps += step_times(patched, latent_hw, context_dim, steps)
+        base_steps += step_times(model, latent_hw, context_dim, steps, cfg=1.0)
+        patched_steps += step_times(patched, latent_hw, context_dim, steps, cfg=1.0)
     med = statistics.median
     row = {"label": label, "tensors": n_tensors, "modules": len(check), "latent": latent_hw,
            "base_step": med(base_steps), "patched_step": med(patched_steps)}
@@ -236,10 +160,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: CPU time is not inflated by spinning threads on a shared machine)")
     args = ap.parse_args()
-    setup_host()
+    setup_host(args.threads)
     import torch
-
-    torch.set_num_threads(args.threads)
 
     from blora_testkit.tiny_sdxl import CONTEXT_DIM, tiny_sdxl_model
 
@@ -254,8 +176,7 @@ def main() -> None:
             progress(f"building the full SDXL UNet ({args.full_dtype})")
             rows.append(bench_model(f"full SDXL UNet ({args.full_dtype})", full_sdxl_model(dtype), 64,
                                     args.full_latent, 2048, args.repeats, args.sample_repeats, args.steps, work))
-    header = (f"bench/apply.py  {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  "
-              f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+    header = (f"{run_stamp('apply.py')}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
               f"load average {os.getloadavg()[0]:.1f}; "
               f"full model latent {args.full_latent}x{args.full_latent}, {args.steps} steps, "
               f"repeats {args.repeats}; tensors in the original files: "

@@ -18,95 +18,17 @@ Writes the table to bench/RESULTS-klora.txt. About 6 minutes on 2 CPU cores (the
 """
 from __future__ import annotations
 
-import argparse
-import os
-import platform
 import statistics
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchkit import (ROOT, clock, enough_memory, full_sdxl_model, progress, run_stamp, sampling_parser, setup_host,
+                      step_times, tiny_model)
+
 RESULTS = ROOT / "bench" / "RESULTS-klora.txt"
 BLOCKS = ("input_blocks.4.1", "input_blocks.5.1", "input_blocks.7.1", "input_blocks.8.1", "middle_block.1",
           "output_blocks.0.1", "output_blocks.1.1", "output_blocks.2.1", "output_blocks.3.1", "output_blocks.4.1",
           "output_blocks.5.1")
 FULL_MEMORY_GB = 9
-FULL_SDXL_EXTRA = {"image_size": 32, "use_checkpoint": False, "in_channels": 4, "out_channels": 4,
-                   "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "use_spatial_transformer": True,
-                   "legacy": False, "num_classes": "sequential", "num_head_channels": 64,
-                   "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-                   "use_temporal_attention": False, "use_temporal_resblock": False}
-_T0 = time.perf_counter()
-
-
-def progress(message: str) -> None:
-    print(f"[{time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def clock() -> float:
-    """CPU seconds of this process: steadier than wall time on a shared machine."""
-    return time.process_time()
-
-
-def setup_host(threads: int) -> None:
-    """The host in-process on CPU, the pack's core importable as ``blora``."""
-    host = os.environ.get("COMFYUI_PATH")
-    if not host or not (Path(host) / "comfy").is_dir():
-        sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
-    sys.path[:0] = [host]
-    sys.path += [str(ROOT), str(ROOT / "tests")]
-    import torch
-
-    torch.set_num_threads(threads)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
-
-
-def tiny_model():
-    from blora_testkit.tiny_sdxl import tiny_sdxl_model
-
-    return tiny_sdxl_model(seed=0)
-
-
-def full_sdxl_model(dtype):
-    """ModelPatcher around a full-width SDXL UNet (the real unet_config) with random weights, on CPU."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    import torch
-
-    config = comfy.supported_models.SDXL(dict(comfy.supported_models.SDXL.unet_config, **FULL_SDXL_EXTRA))
-    config.set_inference_dtype(dtype, None)
-    model = config.get_model({})
-    params = list(model.diffusion_model.named_parameters())
-    noise = torch.randn(max(p.numel() for _, p in params), generator=torch.Generator().manual_seed(0)).to(dtype)
-    with torch.no_grad():  # comfy ops skip initialisation
-        for name, p in params:
-            if p.ndim == 1:
-                p.fill_(1.0 if "norm" in name else 0.0)
-            else:
-                p.copy_(noise[:p.numel()].view(p.shape)).mul_(1.0 / p[0].numel() ** 0.5)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-
-
-def step_times(model, latent_hw: int, context_dim: int, steps: int, cfg: float = 2.0) -> list[float]:
-    """CPU seconds of each sampling step after the first (the first includes loading and patching)."""
-    import comfy.sample
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    noise = torch.randn(1, 4, latent_hw, latent_hw, generator=gen)
-    cond = [[torch.randn(1, 77, context_dim, generator=gen),
-             {"pooled_output": torch.randn(1, 1280, generator=gen), "width": 8 * latent_hw,
-              "height": 8 * latent_hw}]]
-    stamps = []
-    with torch.inference_mode():
-        comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", cond, cond, torch.zeros_like(noise),
-                            callback=lambda *a: stamps.append(clock()), disable_pbar=True, seed=0)
-    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def lora(model, rank: int, seed: int, up_std: float):
@@ -156,17 +78,10 @@ def bench_model(label: str, model, context_dim: int, runs: list[tuple[int, int]]
     return rows
 
 
-def enough_memory() -> bool:
-    import psutil
-
-    return psutil.virtual_memory().available / 2 ** 30 >= FULL_MEMORY_GB
-
-
 def table(rows: list[dict], args) -> str:
     import torch
 
-    head = (f"bench/klora.py  {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  {platform.machine()} CPU,"
-            f" {torch.get_num_threads()} thread(s); euler cfg 2, repeats {args.repeats}; "
+    head = (f"{run_stamp('klora.py')}, {torch.get_num_threads()} thread(s); euler cfg 2, repeats {args.repeats}; "
             f"LoRAs rank 8 on every attention Linear")
     lines = [head, "", f"{'model':52} {'fused':>6} {'switch':>6} {'setup merge':>12} {'setup K-LoRA':>13} "
                        f"{'step merge':>11} {'step K-LoRA':>12} {'ratio':>6}"]
@@ -184,17 +99,12 @@ def table(rows: list[dict], args) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tiny-only", action="store_true")
-    args = parser.parse_args()
+    args = sampling_parser(__doc__).parse_args()
     setup_host(args.threads)
     rows = bench_model("tiny SDXL (fp32)", tiny_model(), 64, [(32, 2 * args.steps)], args.repeats)
     if args.tiny_only:
         pass
-    elif enough_memory():
+    elif enough_memory(FULL_MEMORY_GB):
         import torch
 
         rows += bench_model("full SDXL UNet (bf16)", full_sdxl_model(torch.bfloat16), 2048,

@@ -14,13 +14,11 @@ Writes the table to bench/RESULTS-schedule.txt. About 2 minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
-import argparse
-import platform
 import statistics
 import sys
-import time
 
-from klora import ROOT, clock, full_sdxl_model, progress, setup_host, step_times, tiny_model
+from benchkit import (ROOT, clock, enough_memory, full_sdxl_model, progress, run_stamp, sampling_parser, setup_host,
+                      step_times, tiny_model)
 
 RESULTS = ROOT / "bench" / "RESULTS-schedule.txt"
 FULL_MEMORY_GB = 9
@@ -71,9 +69,8 @@ def bench_model(label: str, model, context_dim: int, latent_hw: int, steps: int,
 def table(rows: list[dict], args) -> str:
     import torch
 
-    head = (f"bench/schedule.py  {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  {platform.machine()} "
-            f"CPU, {torch.get_num_threads()} thread(s); euler cfg 2, repeats {args.repeats}; B-LoRA rank 64 "
-            f"(content + style); style schedule '{STYLE_LATE}'")
+    head = (f"{run_stamp('schedule.py')}, {torch.get_num_threads()} thread(s); euler cfg 2, repeats {args.repeats}; "
+            f"B-LoRA rank 64 (content + style); style schedule '{STYLE_LATE}'")
     lines = [head, "", f"{'model':44} {'sched':>6} {'setup const':>12} {'setup sched':>12} {'step const':>11} "
                        f"{'step sched':>11} {'ratio':>6}"]
     for r in rows:
@@ -86,19 +83,12 @@ def table(rows: list[dict], args) -> str:
 
 
 def main() -> None:
-    import psutil
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tiny-only", action="store_true")
-    args = parser.parse_args()
+    args = sampling_parser(__doc__).parse_args()
     setup_host(args.threads)
     rows = [bench_model("tiny SDXL (fp32, latent 32x32)", tiny_model(), 64, 32, args.steps * 2, args.repeats)]
     if args.tiny_only:
         pass
-    elif psutil.virtual_memory().available / 2 ** 30 >= FULL_MEMORY_GB:
+    elif enough_memory(FULL_MEMORY_GB):
         import torch
 
         rows.append(bench_model("full SDXL UNet (bf16, latent 16x16)", full_sdxl_model(torch.bfloat16), 2048, 16,

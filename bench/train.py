@@ -30,54 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchkit import ROOT, full_sdxl_model, setup_host
+
 RESULTS = ROOT / "bench" / "RESULTS-train.txt"
-FULL_SDXL_EXTRA = {"image_size": 32, "use_checkpoint": False, "in_channels": 4, "out_channels": 4,
-                   "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "use_spatial_transformer": True,
-                   "legacy": False, "num_classes": "sequential", "num_head_channels": 64,
-                   "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-                   "use_temporal_attention": False, "use_temporal_resblock": False}
 
 
 def _status_kb(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-def setup_host(threads: int) -> None:
-    host = os.environ.get("COMFYUI_PATH")
-    if not host or not (Path(host) / "comfy").is_dir():
-        sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
-    sys.path[:0] = [host]
-    sys.path += [str(ROOT), str(ROOT / "tests")]
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def full_sdxl_model(dtype):
-    """ModelPatcher around a full-width SDXL UNet (comfy.supported_models.SDXL's unet_config), random weights
-    (one shared normal buffer scaled by 1/sqrt(fan_in) per matrix: fast; comfy ops skip initialisation)."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    import torch
-
-    config = dict(comfy.supported_models.SDXL.unet_config, **FULL_SDXL_EXTRA)
-    model_config = comfy.supported_models.SDXL(config)
-    model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({})
-    params = list(model.diffusion_model.named_parameters())
-    noise = torch.randn(max(p.numel() for _, p in params), generator=torch.Generator().manual_seed(0)).to(dtype)
-    for name, p in params:
-        if p.ndim == 1:
-            p.fill_(1.0 if "norm" in name else 0.0)
-        else:
-            p.copy_(noise[:p.numel()].view(p.shape)).mul_(1.0 / p[0].numel() ** 0.5)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
 def build(args):

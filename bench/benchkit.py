@@ -1,0 +1,126 @@
+"""Shared pieces of the benchmarks in bench/: host set-up, progress and clock, the full-width SDXL UNet.
+
+Imported by the scripts as a sibling module (``python bench/x.py`` puts bench/ on ``sys.path``). Torch and the
+host are imported inside the functions, after ``setup_host`` has put the host on the path.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL_SDXL_EXTRA = {"image_size": 32, "use_checkpoint": False, "in_channels": 4, "out_channels": 4,
+                   "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "use_spatial_transformer": True,
+                   "legacy": False, "num_classes": "sequential", "num_head_channels": 64,
+                   "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+                   "use_temporal_attention": False, "use_temporal_resblock": False}
+_T0 = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """Where the run is (stderr, so the table on stdout stays clean)."""
+    print(f"[{time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def clock() -> float:
+    """CPU seconds of this process (all threads): steadier than wall time on a shared machine."""
+    return time.process_time()
+
+
+def setup_host(threads: int) -> None:
+    """The host in-process on CPU, the pack's core importable as ``blora`` and the test kit as ``blora_testkit``;
+    torch on ``threads`` threads."""
+    host = os.environ.get("COMFYUI_PATH")
+    if not host or not (Path(host) / "comfy").is_dir():
+        sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
+    sys.path[:0] = [host]
+    sys.path += [str(ROOT), str(ROOT / "tests")]
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_stamp(script: str) -> str:
+    """``bench/<script>  <date time>  torch <version>  <machine> CPU``: the start of a results table's first line."""
+    import torch
+
+    return f"bench/{script}  {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  {platform.machine()} CPU"
+
+
+def sampling_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the sampling benchmarks: --repeats, --steps, --threads, --tiny-only."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tiny-only", action="store_true")
+    return parser
+
+
+def enough_memory(gib: float) -> bool:
+    """At least ``gib`` GiB of memory available now."""
+    import psutil
+
+    return psutil.virtual_memory().available / 2 ** 30 >= gib
+
+
+def tiny_model():
+    """The tiny SDXL-architecture test model (fp32, seed 0)."""
+    from blora_testkit.tiny_sdxl import tiny_sdxl_model
+
+    return tiny_sdxl_model(seed=0)
+
+
+def fill_random_(module, dtype, seed: int = 0) -> None:
+    """Random weights, fast: one shared normal buffer, scaled by 1/sqrt(fan_in) per matrix (comfy ops skip init);
+    1-d parameters: 1 for norms, 0 otherwise."""
+    import torch
+
+    params = list(module.named_parameters())
+    noise = torch.randn(max(p.numel() for _, p in params), generator=torch.Generator().manual_seed(seed)).to(dtype)
+    with torch.no_grad():
+        for name, p in params:
+            if p.ndim == 1:
+                p.fill_(1.0 if "norm" in name else 0.0)
+            else:
+                p.copy_(noise[:p.numel()].view(p.shape)).mul_(1.0 / p[0].numel() ** 0.5)
+
+
+def full_sdxl_model(dtype):
+    """ModelPatcher around a full-width SDXL UNet (comfy.supported_models.SDXL's unet_config), random weights, CPU."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    config = dict(comfy.supported_models.SDXL.unet_config, **FULL_SDXL_EXTRA)
+    model_config = comfy.supported_models.SDXL(config)
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({})
+    fill_random_(model.diffusion_model, dtype)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def step_times(model, latent_hw: int, context_dim: int, steps: int, cfg: float) -> list[float]:
+    """CPU seconds of each sampling step after the first (euler, normal; the first includes loading and patching)."""
+    import comfy.sample
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 4, latent_hw, latent_hw, generator=gen)
+    cond = [[torch.randn(1, 77, context_dim, generator=gen),
+             {"pooled_output": torch.randn(1, 1280, generator=gen), "width": 8 * latent_hw,
+              "height": 8 * latent_hw}]]
+    stamps = []
+    with torch.inference_mode():
+        comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", cond, cond, torch.zeros_like(noise),
+                            callback=lambda *a: stamps.append(clock()), disable_pbar=True, seed=0)
+    return [b - a for a, b in zip(stamps, stamps[1:])]
