@@ -10,7 +10,8 @@ from comfy_api.latest import io
 
 from ..blora.adapter import Adapter, merge, select
 from ..blora.errors import BLoRAError
-from ..blora.files import safe_path, write_adapter
+from ..blora.files import write_adapter
+from ..blora.host.output_files import save_target
 from ..blora.weights import role_parts
 from .types import BLoRA, role_inputs
 
@@ -18,7 +19,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("kohya", "comfy", "diffusers")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-SUBFOLDER = "loras"
 
 
 def select_roles(adapter: Adapter, roles: str) -> Adapter:
@@ -43,14 +43,8 @@ def save_adapter(adapter: Adapter, filename_prefix: str, fmt: str, dtype: str, r
     Returns (file name, subfolder relative to the output folder)."""
     if fmt not in FORMATS or dtype not in DTYPES:
         raise BLoRAError(f"format must be one of {FORMATS} and dtype one of {tuple(DTYPES)}, got {fmt!r}, {dtype!r}")
-    if not filename_prefix.strip():
-        raise BLoRAError("filename_prefix is empty: give a file name prefix such as 'B-LoRA' or 'mine/style'")
-    folder = os.path.abspath(os.path.join(folder_paths.get_output_directory(), SUBFOLDER))
-    safe_path(folder, filename_prefix.strip() + "_00001_.safetensors")  # refuses escaping names before anything
-    os.makedirs(folder, exist_ok=True)
-    full_folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix.strip(), folder)
-    filename = f"{name}_{counter:05}_.safetensors"
-    written = write_adapter(adapter, folder, os.path.join(subfolder, filename), dialect=fmt, dtype=DTYPES[dtype],
+    target = save_target(filename_prefix)  # refuses empty and escaping names before anything is written
+    written = write_adapter(adapter, target.folder, target.final, dialect=fmt, dtype=DTYPES[dtype],
                             metadata={"blora.selection": roles.strip()})
     log.info("Save B-LoRA: %d modules written to %s", len(adapter.modules), written)
     return written.name, os.path.relpath(written.parent, folder_paths.get_output_directory()).replace(os.sep, "/")

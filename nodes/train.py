@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..blora.files import read_adapter
 from ..blora.host.train import train_blora
-from ..blora.host.train_save import register_output_loras
+from ..blora.host.output_files import register_output_loras
 from ..blora.training import ALGORITHMS, BLOCK_PRESETS, OPTIMIZERS, TRAINING_DTYPES, TrainConfig
 from .folders import adapter_files, adapter_path
 from .types import BLoRA

@@ -23,8 +23,8 @@ from ..training import TrainConfig, make_optimizer, select_targets
 from .patch import model_weight_shapes, patched_clone, require_sdxl
 from .train_inputs import ModelSchedule, check_batchable, model_schedule, prepare_samples
 from .train_loop import TrainState, run_loop
-from .train_save import (base_model_fingerprint, check_prefix, save_dtype, save_target, steps_in, train_metadata,
-                         write_trained)
+from .output_files import check_prefix, save_target
+from .train_save import base_model_fingerprint, save_dtype, steps_in, train_metadata, write_trained
 from .train_wrappers import checkpointed, frozen_aliases, grad_region, strip_wrappers, trainable_clone
 
 log = logging.getLogger(__name__)

@@ -1,81 +1,27 @@
-"""Where a trained B-LoRA is written (``<output>/loras/``), under which name, and with which metadata.
+"""How a trained B-LoRA is written, and with which metadata.
 
-Files: ``<prefix>_<NNNNN>_.safetensors`` (the host's counter naming, as its own savers and Save B-LoRA use) and,
-with ``save_every``, checkpoints ``<prefix>_<NNNNN>_step<SSSSSS>_.safetensors``. Names that escape the folder are
+Files go to ``<output>/loras/`` (``blora.host.output_files``): ``<prefix>_<NNNNN>_.safetensors`` and, with
+``save_every``, checkpoints ``<prefix>_<NNNNN>_step<SSSSSS>_.safetensors``. Names that escape the folder are
 refused before training starts. Writes go through ``blora.files.write_adapter`` (kohya LDM dialect, explicit
 alpha, atomic).
 """
 from __future__ import annotations
 
 import hashlib
-import os
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
-import folder_paths
 import torch
 
 from ..adapter import Adapter
-from ..errors import BLoRAError
-from ..files import safe_path, write_adapter
+from ..files import write_adapter
 from ..training import TrainConfig
+from .output_files import SaveTarget
 
-SUFFIX = ".safetensors"
-OUTPUT_SUBFOLDER = "loras"
 HASHED_WEIGHTS = 4  # weights (first and last of the sorted UNet keys) hashed to identify the base model
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
-
-
-def output_loras_folder() -> str:
-    """``<output>/loras``: where trained files go."""
-    return os.path.join(folder_paths.get_output_directory(), OUTPUT_SUBFOLDER)
-
-
-def register_output_loras() -> None:
-    """List ``<output>/loras`` among the host's ``loras`` folders (after the others), so stock LoraLoader and the
-    pack's loaders find trained files."""
-    folder = output_loras_folder()
-    if folder not in folder_paths.get_folder_paths("loras"):
-        folder_paths.add_model_folder_path("loras", folder)
-
-
-@dataclass(frozen=True)
-class SaveTarget:
-    """folder: the loras output folder; stem: the run's file name without counter suffix and extension, relative
-    to folder (``sub/name_00001``)."""
-
-    folder: str
-    stem: str
-
-    @property
-    def final(self) -> str:
-        return f"{self.stem}_{SUFFIX}"
-
-    def checkpoint(self, step: int) -> str:
-        return f"{self.stem}_step{step:06d}_{SUFFIX}"
-
-
-def check_prefix(filename_prefix: str) -> str:
-    """The prefix without a ``.safetensors`` suffix; UnsafePathError for names that would leave the folder."""
-    prefix = filename_prefix.strip()
-    if prefix.lower().endswith(SUFFIX):
-        prefix = prefix[:-len(SUFFIX)]
-    if not prefix:
-        raise BLoRAError("filename_prefix is empty: give a file name prefix such as 'blora' or 'mine/style'")
-    safe_path(output_loras_folder(), f"{prefix}_00001_{SUFFIX}")
-    return prefix
-
-
-def save_target(filename_prefix: str) -> SaveTarget:
-    """The run's file names, with the host's counter (``folder_paths.get_save_image_path``, as the host's savers
-    and Save B-LoRA name files): ``<prefix>_<NNNNN>_.safetensors``. Creates the (sub)folder."""
-    prefix = check_prefix(filename_prefix)
-    folder = os.path.abspath(output_loras_folder())
-    os.makedirs(folder, exist_ok=True)
-    _, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder)
-    return SaveTarget(folder, os.path.join(subfolder, f"{name}_{counter:05d}"))
 
 
 def pack_version() -> str:
