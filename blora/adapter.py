@@ -11,7 +11,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .blocks import Block, block_of, resolve_block
+from .blocks import SDXL_BLOCKS, Block, block_of, resolve_block
 from .errors import ArchitectureError, BLoRAError
 
 # Tensor names each adapter kind holds (optional ones in the second tuple).
@@ -112,7 +112,6 @@ class Adapter:
     def blocks(self) -> list[Block]:
         """Attention blocks this adapter touches, in SDXL order."""
         seen = {block_of(p) for p in self.modules} - {None}
-        from .blocks import SDXL_BLOCKS
         return [b for b in SDXL_BLOCKS if b in seen]
 
     def roles(self) -> list[str]:
