@@ -9,19 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# (file suffix, adapter kind or None, canonical tensor name). Kind None: alpha, DoRA magnitude.
-SUFFIXES: tuple[tuple[str, str | None, str], ...] = (
-    (".lora_down.weight", "lora", "down"), (".lora_up.weight", "lora", "up"), (".lora_mid.weight", "lora", "mid"),
-    (".lora.down.weight", "lora", "down"), (".lora.up.weight", "lora", "up"),
-    ("_lora.down.weight", "lora", "down"), ("_lora.up.weight", "lora", "up"),  # old attention processors
-    (".lora_linear_layer.down.weight", "lora", "down"), (".lora_linear_layer.up.weight", "lora", "up"),
-    (".lora_A.weight", "lora", "down"), (".lora_B.weight", "lora", "up"),
-    (".lora_A.default.weight", "lora", "down"), (".lora_B.default.weight", "lora", "up"),
-    (".hada_w1_a", "loha", "w1a"), (".hada_w1_b", "loha", "w1b"), (".hada_w2_a", "loha", "w2a"),
-    (".hada_w2_b", "loha", "w2b"), (".hada_t1", "loha", "t1"), (".hada_t2", "loha", "t2"),
-    (".lokr_w1", "lokr", "w1"), (".lokr_w1_a", "lokr", "w1a"), (".lokr_w1_b", "lokr", "w1b"),
-    (".lokr_w2", "lokr", "w2"), (".lokr_w2_a", "lokr", "w2a"), (".lokr_w2_b", "lokr", "w2b"), (".lokr_t2", "lokr", "t2"),
-    (".diff", "full", "diff"), (".w_norm", "full", "diff"),
+from .kinds import KINDS
+
+# (file suffix, adapter kind or None, canonical tensor name): each kind's own spellings (``blora.kinds``), then
+# the entries any kind may carry (kind None): bias diff, alpha, DoRA magnitude.
+SUFFIXES: tuple[tuple[str, str | None, str], ...] = tuple(
+    (suffix, kind.name, name) for kind in KINDS.values() for suffix, name in kind.read_suffixes.items()) + (
     (".diff_b", None, "diff_b"), (".b_norm", None, "diff_b"),
     (".alpha", None, "alpha"), (".dora_scale", None, "dora_scale"),
     (".lora_magnitude_vector", None, "magnitude"), (".lora_magnitude_vector.weight", None, "magnitude"),
@@ -96,14 +89,3 @@ DIALECTS: tuple[Dialect, ...] = (
 )
 BY_NAME: dict[str, Dialect] = {d.name: d for d in DIALECTS}
 WRITABLE = ("kohya", "comfy", "diffusers", "peft", "kohya_diffusers", "diffusers_doubled", "lycoris")
-
-# Tensor suffixes of the extended dialects, per kind (lora's down/up come from the dialect itself).
-EXTENDED_SUFFIXES: dict[str, dict[str, str]] = {
-    "lora": {"mid": ".lora_mid.weight"},
-    "loha": {"w1a": ".hada_w1_a", "w1b": ".hada_w1_b", "w2a": ".hada_w2_a", "w2b": ".hada_w2_b",
-             "t1": ".hada_t1", "t2": ".hada_t2"},
-    "lokr": {"w1": ".lokr_w1", "w1a": ".lokr_w1_a", "w1b": ".lokr_w1_b", "w2": ".lokr_w2", "w2a": ".lokr_w2_a",
-             "w2b": ".lokr_w2_b", "t2": ".lokr_t2"},
-    "full": {"diff": ".diff"},
-}
-BIAS_SUFFIX = ".diff_b"

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from .adapter import Adapter, delta_weight
 from .dialects import BY_NAME
-from .errors import AdapterFileError, BLoRAError, UnsafePathError
+from .errors import AdapterFileError, UnsafePathError
 from .keys import from_canonical, to_canonical
 from .metadata import written_metadata
 
@@ -179,17 +179,12 @@ def _check_finite(adapter: Adapter, state: Mapping[str, torch.Tensor], target: P
 
 
 def _delta_is_finite(module) -> bool:
-    """Whether ΔW (float32) is finite, given finite factors. For plain LoRA the bound
-    |ΔW_ij| <= |scale| · r · max|up| · max|down| settles it without the matmul; otherwise ΔW is computed."""
-    t = module.tensors
-    if module.kind == "lora" and "mid" not in t:
-        bound = abs(module.scale) * module.rank * float(t["up"].abs().amax()) * float(t["down"].abs().amax())
-        if bound < torch.finfo(torch.float32).max:
-            return True
-    try:
-        return is_finite(delta_weight(module))
-    except BLoRAError:  # tucker forms are applied by the host only; their factors were checked
+    """Whether ΔW (float32) is finite, given finite factors. A kind's cheap bound on max|ΔW| (LoRA's
+    |scale| · r · max|up| · max|down|) settles it without the product when it can; otherwise ΔW is computed."""
+    bound = module.spec.delta_bound(module.tensors, module.scale)
+    if bound is not None and bound < torch.finfo(torch.float32).max:
         return True
+    return is_finite(delta_weight(module))
 
 
 def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass
 
 from .adapter import Adapter
 from .blocks import block_of
+from .kinds import KINDS
 
-KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full diff"}
+KIND_NAMES = {name: kind.label for name, kind in KINDS.items()}
 
 
 @dataclass(frozen=True)

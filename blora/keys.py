@@ -17,8 +17,8 @@ import torch
 
 from . import unet_map
 from .adapter import Adapter, ModuleAdapter
-from .dialects import (BIAS_SUFFIX, BY_NAME, DIALECTS, EXTENDED_SUFFIXES, PEFT_COMPONENTS, PREFIXES,
-                       SUFFIXES_LONGEST_FIRST, WRAPPER_PREFIX, WRITABLE, Dialect)
+from .dialects import (BY_NAME, DIALECTS, PEFT_COMPONENTS, PREFIXES, SUFFIXES_LONGEST_FIRST, WRAPPER_PREFIX,
+                       WRITABLE, Dialect)
 from .errors import AdapterFileError, BLoRAError
 from .metadata import trigger_of
 
@@ -141,7 +141,7 @@ def _build(parts: Mapping[str, _Part], where: str, target: tuple[str, str],
         module = ModuleAdapter(kind, tensors, _alpha(parts, where), _dora(parts, tensors), peft_dora)
     except BLoRAError as e:
         raise AdapterFileError(where, str(e), main.key) from None
-    _check_shapes(module, parts, where, main.key)
+    _check_shapes(module, parts, where)
     if module.alpha is None and alpha_of is not None and module.rank:
         part, path = target
         name = unet_map.ldm_to_diffusers(path) if part == "unet" else path
@@ -168,26 +168,15 @@ def _dora(parts: Mapping[str, _Part], tensors: Mapping[str, torch.Tensor]) -> to
     return None
 
 
-def _check_shapes(module: ModuleAdapter, parts: Mapping[str, _Part], where: str, key: str) -> None:
-    t = module.tensors
-    if module.kind == "lora" and (t["down"].ndim not in (2, 4) or t["up"].ndim != t["down"].ndim):
-        raise AdapterFileError(where, f"lora down {tuple(t['down'].shape)} and up {tuple(t['up'].shape)} are not "
-                                      f"2-D (linear) or 4-D (conv) alike", key)
-    if module.kind == "loha" and not (t["w1a"].shape[1] == t["w1b"].shape[0] and t["w2a"].shape[1] == t["w2b"].shape[0]
-                                      and t["w1a"].shape[0] == t["w2a"].shape[0]
-                                      and t["w1b"].shape[1:] == t["w2b"].shape[1:]):
-        raise AdapterFileError(where, "LoHa factors w1a/w1b/w2a/w2b have inconsistent shapes "
-                                      f"{[tuple(t[n].shape) for n in ('w1a', 'w1b', 'w2a', 'w2b')]}", key)
-    if module.kind == "lokr":
-        for f, a, b in (("w1", "w1a", "w1b"), ("w2", "w2a", "w2b")):
-            if f not in t and not (a in t and b in t and t[a].shape[1] == t[b].shape[0]):
-                raise AdapterFileError(where, f"LoKr needs {f} or both {a} and {b} with matching rank", key)
-    if module.dora_scale is not None and module.kind == "lora":
-        out, inp = module.out_in
-        if module.dora_scale.shape[0] != out and (module.dora_norm or module.dora_scale.numel() != inp):
-            dkey = (parts.get("dora_scale") or parts["magnitude"]).key
-            raise AdapterFileError(where, f"DoRA scale of shape {tuple(module.dora_scale.shape)} fits neither the "
-                                          f"output ({out}) nor the input ({inp}) axis", dkey)
+def _check_shapes(module: ModuleAdapter, parts: Mapping[str, _Part], where: str) -> None:
+    """The kind's own checks ran when the module was made; here: a DoRA magnitude fits one axis of the weight."""
+    if module.dora_scale is None:
+        return
+    out, inp = module.out_in
+    if module.dora_scale.shape[0] != out and (module.dora_norm or module.dora_scale.numel() != inp):
+        dkey = (parts.get("dora_scale") or parts["magnitude"]).key
+        raise AdapterFileError(where, f"DoRA scale of shape {tuple(module.dora_scale.shape)} fits neither the "
+                                      f"output ({out}) nor the input ({inp}) axis", dkey)
 
 
 def _peft_alphas(metadata: Mapping[str, str], where: str) -> Callable[[str, str, int], float | None] | None:
@@ -247,8 +236,9 @@ def from_canonical(adapter: Adapter, dialect: str) -> dict[str, torch.Tensor]:
     for path in sorted(adapter.modules):
         module = adapter.modules[path]
         key = module_key(spec, path)
-        extra = [n for n in module.tensors if n not in ("down", "up")] + (["dora_scale"] if module.dora_scale is not None else [])
-        if not spec.extended and (module.kind != "lora" or extra):
+        plain = module.spec.plain
+        extra = [n for n in module.tensors if n not in plain] + (["dora_scale"] if module.dora_scale is not None else [])
+        if not spec.extended and (not plain or extra):
             raise BLoRAError(f"module {path!r} is {module.kind}{' with ' + ', '.join(extra) if extra else ''}: "
                              f"the {dialect} dialect holds only plain LoRA; write it as kohya or comfy")
         out.update(_module_tensors(spec, key, module))
@@ -256,12 +246,9 @@ def from_canonical(adapter: Adapter, dialect: str) -> dict[str, torch.Tensor]:
 
 
 def _module_tensors(spec: Dialect, key: str, module: ModuleAdapter) -> dict[str, torch.Tensor]:
-    t = module.tensors
-    names = {**EXTENDED_SUFFIXES[module.kind], "down": spec.down_up[0], "up": spec.down_up[1], "diff_b": BIAS_SUFFIX}
-    out = {key + names[n]: v for n, v in t.items()}
-    if not spec.alpha and module.scale != 1.0:
-        up = t["up"]
-        out[key + names["up"]] = (up.float() * module.scale).to(up.dtype)
+    names = module.spec.suffixes(spec.down_up)
+    tensors = module.tensors if spec.alpha else module.spec.fold_scale(module.tensors, module.scale)
+    out = {key + names[n]: v for n, v in tensors.items()}
     if spec.alpha and module.rank:
         alpha = float(module.rank) if module.alpha is None else float(module.alpha)
         out[key + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)

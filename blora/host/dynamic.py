@@ -145,9 +145,9 @@ def _delta_dtype(model) -> torch.dtype:
     return dtype if dtype in _FLOATS else torch.float16
 
 
-def _plain_lora(module) -> bool:
-    t = module.tensors
-    return module.kind == "lora" and module.dora_scale is None and "mid" not in t and t["down"].ndim == 2
+def _low_rank(module):
+    """The module's (up, down) factors when its delta is exactly scale · up @ down (no DoRA), else None."""
+    return None if module.dora_scale is not None else module.spec.low_rank(module.tensors)
 
 
 def layer_deltas(model, adapter: Adapter) -> dict[str, LayerDelta]:
@@ -156,8 +156,9 @@ def layer_deltas(model, adapter: Adapter) -> dict[str, LayerDelta]:
     unpatched weight. Checks the adapter against the model (patched_clone's checks)."""
     unet = {p: m for p, m in adapter.modules.items() if not p.startswith("te")}
     probe = patched_clone(model, [(replace(adapter, modules=unet), 1.0)])
-    out = {p: LayerDelta(up=m.tensors["up"].float() * m.scale, down=m.tensors["down"].float())
-           for p, m in unet.items() if _plain_lora(m)}
+    factors = {p: _low_rank(m) for p, m in unet.items()}
+    out = {p: LayerDelta(up=f.up.float() * unet[p].scale, down=f.down.float())
+           for p, f in factors.items() if f is not None}
     others = [p for p in unet if p not in out]
     originals = model.get_key_patches("diffusion_model.") if others else {}
     for path in others:

@@ -23,6 +23,7 @@ from ..adapter import Adapter, ModuleAdapter, check_fits, delta_weight
 from ..blocks import ROLES
 from ..errors import ArchitectureError, BLoRAError
 from ..keys import from_canonical
+from ..kinds.full import Full
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def peft_dora_diff(module: ModuleAdapter, weight: torch.Tensor, dtype: torch.dty
     magnitude = module.dora_scale.to(delta.device, torch.float32).reshape(shape)
     diff = adapted * (magnitude / norm.clamp_min(torch.finfo(torch.float32).tiny)) - w
     extra = {"diff_b": module.tensors["diff_b"]} if "diff_b" in module.tensors else {}
-    return ModuleAdapter("full", {"diff": diff.to(dtype), **extra})
+    return ModuleAdapter(Full.name, {"diff": diff.to(dtype), **extra})
 
 
 def _render_peft_dora(model, parts: Sequence[tuple[Adapter, float]]) -> list[tuple[Adapter, float]]:

@@ -18,7 +18,7 @@ import torch
 
 from ..adapter import Adapter, check_fits
 from ..errors import BLoRAError
-from ..trainable import TrainableLoRA
+from ..kinds.lora import LoRA, TrainableLoRA
 from ..training import TrainConfig, make_optimizer, select_targets
 from .patch import model_weight_shapes, patched_clone, require_sdxl
 from .train_inputs import ModelSchedule, check_batchable, model_schedule, prepare_samples
@@ -60,7 +60,7 @@ def _check_resume(resume: Adapter, targets: list[str], config: TrainConfig, shap
     for path, m in resume.modules.items():
         dora = m.dora_scale is not None
         alpha = m.alpha if m.alpha is not None else m.rank
-        if m.kind != "lora" or m.rank != config.rank or dora != (config.algorithm == "DoRA") or \
+        if m.kind != LoRA.name or m.rank != config.rank or dora != (config.algorithm == "DoRA") or \
                 not math.isclose(alpha, config.stored_alpha, rel_tol=1e-3):
             raise BLoRAError(f"{name} (module {path!r}): {m.kind} rank {m.rank}, stored alpha {alpha:g}, "
                              f"{'DoRA' if dora else 'LoRA'}; the node asks for LoRA rank {config.rank}, stored "

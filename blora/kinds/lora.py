@@ -1,0 +1,159 @@
+"""LoRA (and LoCon with a Tucker ``mid`` core): ΔW = up @ down, rank = down's first dim.
+
+Tensors: down (r, in[, kh, kw]), up (out, r[, 1, 1]), optional mid (r, r, kh, kw) (LoCon Tucker: down and up are
+then 1×1). Trainable form: ``TrainableLoRA`` (plain LoRA or DoRA, see its doc).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import BLoRAError
+from .base import Kind, LowRank, ModuleAdapter, Tensors, register
+
+DORA_EPS = torch.finfo(torch.float32).eps
+
+
+@register
+class LoRA(Kind):
+    name, label = "lora", "LoRA"
+    required, optional = ("down", "up"), ("mid",)
+    plain = ("down", "up")
+    read_suffixes = {
+        ".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.weight": "mid",
+        ".lora.down.weight": "down", ".lora.up.weight": "up",
+        "_lora.down.weight": "down", "_lora.up.weight": "up",  # old attention processors
+        ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
+        ".lora_A.weight": "down", ".lora_B.weight": "up",
+        ".lora_A.default.weight": "down", ".lora_B.default.weight": "up",
+    }
+    kohya_suffixes = {"down": ".lora_down.weight", "up": ".lora_up.weight", "mid": ".lora_mid.weight"}
+
+    def suffixes(self, down_up: tuple[str, str]) -> dict[str, str]:
+        return {**super().suffixes(down_up), "down": down_up[0], "up": down_up[1]}
+
+    def rank(self, t: Tensors) -> int:
+        return int(t["down"].shape[0])
+
+    def check(self, t: Tensors) -> str | None:
+        down, up = t["down"], t["up"]
+        if down.shape[0] != up.shape[1]:
+            return f"rank mismatch: down {tuple(down.shape)}, up {tuple(up.shape)}"
+        if down.ndim not in (2, 4) or up.ndim != down.ndim:
+            return (f"lora down {tuple(down.shape)} and up {tuple(up.shape)} are not 2-D (linear) or 4-D (conv) "
+                    f"alike")
+        if "mid" in t and (t["mid"].ndim != 4 or tuple(t["mid"].shape[:2]) != (down.shape[0], down.shape[0])):
+            return f"lora mid {tuple(t['mid'].shape)} is not a (r, r, kh, kw) core for rank {down.shape[0]}"
+        return None
+
+    def out_in(self, t: Tensors) -> tuple[int, int]:
+        return int(t["up"].shape[0]), int(t["down"].shape[1])
+
+    def delta(self, t: Tensors) -> torch.Tensor:
+        down, up = t["down"].float(), t["up"].float()
+        if "mid" in t:  # LoCon Tucker, as ComfyUI's lora adapter computes it
+            mid = t["mid"].float()
+            shape = (down.shape[1], down.shape[0], mid.shape[2], mid.shape[3])
+            down = (down.transpose(0, 1).flatten(1) @ mid.transpose(0, 1).flatten(1)).reshape(shape).transpose(0, 1)
+        if down.ndim == 2:
+            return up @ down
+        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+
+    def low_rank(self, t: Tensors) -> LowRank | None:
+        if "mid" in t or t["down"].ndim != 2:
+            return None
+        return LowRank(up=t["up"], down=t["down"])
+
+    def fold_scale(self, t: Tensors, scale: float) -> dict[str, torch.Tensor]:
+        up = t["up"]
+        return {**t, "up": (up.float() * scale).to(up.dtype)} if scale != 1.0 else dict(t)
+
+    def delta_bound(self, t: Tensors, scale: float) -> float | None:
+        """A cheap bound on max|ΔW| (no matmul): |scale| · r · max|up| · max|down| (None with a mid core)."""
+        if "mid" in t:
+            return None
+        return abs(scale) * self.rank(t) * float(t["up"].abs().amax()) * float(t["down"].abs().amax())
+
+
+def column_norm(weight: torch.Tensor) -> torch.Tensor:
+    """||W||_col: the norm over the output axis of each input column, (out, in) -> (1, in), float32."""
+    return weight.float().norm(dim=0, keepdim=True)
+
+
+def dora_forward(merged: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """m * W' / (||W'||_col + eps), the norm a constant in backward (DoRA paper, PEFT); stock ComfyUI renders
+    a (1, in) ``dora_scale`` with exactly this formula (``weight_decompose``)."""
+    return merged * (magnitude / (column_norm(merged).detach() + DORA_EPS))
+
+
+class TrainableLoRA(torch.nn.Module):
+    """The trainable adapter of one Linear weight, as a weight function ``W -> W'`` (W: (out, in)):
+        LoRA: W' = W + scale * up @ down
+        DoRA: W' = m * (W + scale * up @ down) / (||W + scale * up @ down||_col + eps), m: (1, in)
+    The DoRA form is the input-axis one stock ComfyUI renders from a ``dora_scale`` of shape (1, in)
+    (``comfy.weight_adapter.base.weight_decompose``): column norms over the output axis, eps = float32 eps, all
+    in float32; as in the DoRA paper (and PEFT) the norm is a constant in backward.
+
+    down: (r, in) uniform(+-1/sqrt(in)) (kaiming-uniform, a=sqrt(5)); up: (out, r) zeros; magnitude: (1, in)
+    for DoRA (the column norm of W plus eps, so W' = W at the start). Parameters are float32."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, magnitude: torch.Tensor | None = None):
+        super().__init__()
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+            raise BLoRAError(f"trainable LoRA needs down (r, in) and up (out, r), got {tuple(down.shape)} and "
+                             f"{tuple(up.shape)}")
+        self.down = torch.nn.Parameter(down.detach().float().clone())
+        self.up = torch.nn.Parameter(up.detach().float().clone())
+        self.magnitude = None if magnitude is None else torch.nn.Parameter(magnitude.detach().float().clone())
+        self.scale = float(scale)
+
+    @classmethod
+    def create(cls, weight: torch.Tensor, rank: int, scale: float, dora: bool,
+               generator: torch.Generator) -> "TrainableLoRA":
+        """A fresh adapter for ``weight`` (out, in), drawn from ``generator`` (CPU), on weight's device."""
+        out_features, in_features = weight.shape
+        bound = 1.0 / in_features ** 0.5
+        down = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+        up = torch.zeros(out_features, rank)
+        magnitude = column_norm(weight) + DORA_EPS if dora else None
+        dev = weight.device
+        return cls(down.to(dev), up.to(dev), scale, None if magnitude is None else magnitude.to(dev))
+
+    @classmethod
+    def from_module(cls, module: ModuleAdapter) -> "TrainableLoRA":
+        """Continue training a saved ``lora`` ModuleAdapter: scale as the file renders it (stored alpha / rank)."""
+        if module.kind != LoRA.name or "mid" in module.tensors:
+            raise BLoRAError(f"only plain LoRA modules can be trained further, got {module.kind}")
+        ds = module.dora_scale
+        if ds is not None and (ds.ndim != 2 or ds.shape[0] != 1):
+            raise BLoRAError(f"DoRA magnitude of shape {tuple(ds.shape)} cannot be trained further: expected the "
+                             f"input-axis form (1, in)")
+        return cls(module.tensors["down"], module.tensors["up"], module.scale, ds)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        """scale * up @ down, (out, in), float32."""
+        return self.scale * (self.up @ self.down)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        merged = weight.float() + self.delta()
+        if self.magnitude is not None:
+            merged = dora_forward(merged, self.magnitude)
+        return merged.to(weight.dtype)
+
+    def export(self, alpha: float, dtype: torch.dtype = torch.float32) -> ModuleAdapter:
+        """The trained module as a ``lora`` ModuleAdapter (detached copies in ``dtype``); ``alpha`` is the stored
+        alpha (scale * rank)."""
+        tensors = {"down": self.down.detach().to(dtype).clone(), "up": self.up.detach().to(dtype).clone()}
+        ds = None if self.magnitude is None else self.magnitude.detach().to(dtype).clone()
+        return ModuleAdapter(LoRA.name, tensors, alpha=float(alpha), dora_scale=ds)
+
+    # The host's weight-function protocol (ModelPatcher moves weight functions with the model).
+    def move_to(self, device: torch.device) -> int:
+        self.to(device)
+        return self.passive_memory_usage()
+
+    def passive_memory_usage(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
