@@ -8,7 +8,7 @@ alpha, atomic).
 from __future__ import annotations
 
 import hashlib
-import tomllib
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
@@ -24,11 +24,17 @@ HASHED_WEIGHTS = 4  # weights (first and last of the sorted UNet keys) hashed to
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
+_PROJECT_VERSION = re.compile(r'^\[project\]\s*$(?:(?!^\[).)*?^version\s*=\s*"([^"]+)"', re.M | re.S)
+
+
 def pack_version() -> str:
+    """``[project] version`` of pyproject.toml. Read with a pattern, not ``tomllib``: that module is Python 3.11+
+    and ComfyUI runs on 3.10 too."""
     try:
-        return str(tomllib.loads(PYPROJECT.read_text())["project"]["version"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        found = _PROJECT_VERSION.search(PYPROJECT.read_text())
+    except OSError:
         return "unknown"
+    return found.group(1) if found else "unknown"
 
 
 def base_model_fingerprint(model) -> tuple[str, str]:
