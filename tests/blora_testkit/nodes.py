@@ -16,7 +16,7 @@ def run_node(node_cls, *, hidden: dict | None = None, inference_mode: bool = Tru
 
     node_cls.GET_SCHEMA()
     node_cls.VALIDATE_CLASS()
-    clone = node_cls.PREPARE_CLASS_CLONE(hidden or {})
+    clone = node_cls.PREPARE_CLASS_CLONE(_clone_data(node_cls, hidden or {}))
     call = make_locked_method_func(node_cls, node_cls.FUNCTION, clone)
     with torch.inference_mode(inference_mode):
         out = call(**inputs)
@@ -24,6 +24,19 @@ def run_node(node_cls, *, hidden: dict | None = None, inference_mode: bool = Tru
             out = asyncio.run(out)
     ui = out.ui if out.ui is None or isinstance(out.ui, dict) else out.ui.as_dict()
     return out.result, ui
+
+
+def _clone_data(node_cls, hidden: dict):
+    """What ``PREPARE_CLASS_CLONE`` takes on this host: the hidden inputs themselves (0.3.64:
+    ``PREPARE_CLASS_CLONE(hidden_inputs)``), or the executor's v3 data holding them under ``"hidden_inputs"``
+    (0.33: ``PREPARE_CLASS_CLONE(v3_data)``, built by ``execution.get_input_data``). Keys are ``io.Hidden`` values
+    such as ``"UNIQUE_ID"``."""
+    import inspect
+
+    params = list(inspect.signature(node_cls.PREPARE_CLASS_CLONE).parameters)
+    if params and params[0] == "hidden_inputs":
+        return dict(hidden)
+    return {"hidden_inputs": dict(hidden)}
 
 
 def fingerprint(node_cls, **inputs: Any):

@@ -61,14 +61,17 @@ def build_state_dict(seed: int = 0) -> dict:
         init_module_(vae, seed + 2, gain=0.8)
         with torch.no_grad():  # decoded latents of a random UNet are large: keep TAESD out of its tanh clamp
             vae.vae_scale.fill_(0.02)
-        sd = patcher.model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+        # The host's own save path: ModelPatcher.state_dict_for_saving on 0.33 (BaseModel's now takes the UNet
+        # state dict first), BaseModel.state_dict_for_saving on 0.3.64 (the patcher has none).
+        saver = getattr(patcher, "state_dict_for_saving", None) or patcher.model.state_dict_for_saving
+        sd = saver(clip.state_dict(), vae.state_dict())
         return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     finally:
         torch.set_num_threads(threads)
 
 
 def write_tiny_checkpoint(path: Path | str, seed: int = 0) -> Path:
-    """Write the checkpoint to ``path`` atomically; same seed, same bytes."""
+    """Write the checkpoint to ``path`` atomically; same seed and torch, same tensors."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -79,9 +82,15 @@ def write_tiny_checkpoint(path: Path | str, seed: int = 0) -> Path:
     return path
 
 
-def source_key(seed: int = 0) -> str:
-    """Hash of the builder sources and seed: a cached file is reused only while these are unchanged."""
-    h = hashlib.sha256(f"{FORMAT}|{seed}".encode())
+def source_key(seed: int = 0, host: Path | str | None = None) -> str:
+    """Hash of the builder sources, the seed, the torch that builds it and the host it is built with: a cached
+    file is reused only while these are unchanged (two hosts with two torch builds share one cache folder, and
+    the tensors torch draws and the bytes it writes differ between torch versions)."""
+    import torch
+
+    h = hashlib.sha256(f"{FORMAT}|{seed}|torch {torch.__version__}|{sys.executable}".encode())
+    if host is not None:
+        h.update(str(Path(host).resolve()).encode())
     for rel in SOURCES:
         h.update((TESTKIT / rel).read_bytes())
     return h.hexdigest()[:16]
@@ -91,7 +100,7 @@ def cached_tiny_checkpoint(host: Path | str, cache_dir: Path | str | None = None
     """Path of a built checkpoint in ``cache_dir`` (default: <tmp>/blora-testkit), building it in a
     subprocess (the host on its path, on CPU) when the sources changed. Safe for concurrent callers."""
     cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "blora-testkit"
-    path = cache / f"tiny_sdxl-{source_key(seed)}.safetensors"
+    path = cache / f"tiny_sdxl-{source_key(seed, host)}.safetensors"
     if path.is_file():
         return path
     env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": os.pathsep.join([str(host), str(TESTKIT.parent)])}
