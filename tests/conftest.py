@@ -53,6 +53,32 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+REQUIRE_ALL_LAYERS = os.environ.get("BLORA_REQUIRE_ALL_LAYERS") == "1"  # CI with hosts: a skip is a failure
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With BLORA_REQUIRE_ALL_LAYERS=1 (CI with the hosts) a skipped test is reported as failed, with its reason:
+    every layer must run. xfail stays xfail."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ALL_LAYERS and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and BLORA_REQUIRE_ALL_LAYERS=1 makes every skip a failure: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped at collection (``pytest.importorskip`` at module level)."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ALL_LAYERS and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped at collection, and BLORA_REQUIRE_ALL_LAYERS=1 makes every skip a failure: {reason}"
+
+
 def pytest_report_header(config):
     return f"comfyui host: {HOST}" if HOST else f"comfyui host: none ({NO_HOST_REASON})"
 
@@ -147,3 +173,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                     f"failed, {c.get('error', 0)} errors), skipped {c.get('skipped', 0)}")
     if HOST is None:
         terminalreporter.write_line(f"host and server layers skipped: {NO_HOST_REASON}")
+    counts_file = os.environ.get("BLORA_COUNTS_FILE")
+    if counts_file:  # .ci/run adds these up over hosts
+        total = {k: sum(c.get(k, 0) for c in counts.values()) for k in ("passed", "failed", "error", "skipped")}
+        Path(counts_file).write_text(" ".join(f"{k}={v}" for k, v in total.items()) + f" exit={int(exitstatus)}\n")
