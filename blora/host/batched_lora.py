@@ -7,7 +7,7 @@ takes them) and returns one clone of the ModelPatcher on which image i of a samp
   B-LoRA does (no cost per step); with one entry, or entries that agree everywhere, the clone is exactly
   ``patched_clone``;
 - a module where entries differ is *routed*: its Linear keeps the base weight and each row gets its entry's delta,
-  ``y_r = x_r Wᵀ + x_r ΔW_{a(r)}ᵀ (+ Δb_{a(r)})``. Plain LoRA modules stay factors,
+  ``y_r = x_r Wᵀ + x_r ΔW_{a(r)}ᵀ (+ Δb_{a(r)})``. Modules whose kind stores ΔW as two factors (plain LoRA) stay factors,
   ``x_r ΔWᵀ = s·(x_r A_{a(r)}ᵀ) B_{a(r)}ᵀ`` with the ranks of an entry's parts concatenated and entries padded to
   the largest rank with zeros; every other kind the host renders (LoHa, LoKr, DoRA, full diffs) is rendered by
   the host's own ``comfy.lora.calculate_weight`` against the model's current weight and routed as a dense ΔW.
@@ -145,18 +145,21 @@ def _same_module(a: ModuleAdapter, b: ModuleAdapter) -> bool:
                for x, y in pairs)
 
 
-def _plain_lora(module: ModuleAdapter) -> bool:
-    return (module.kind == "lora" and module.dora_scale is None and module.tensors["down"].ndim == 2
-            and not {"mid", "diff_b"} & module.tensors.keys())
+def _low_rank(module: ModuleAdapter):
+    """The module's ΔW as factors (up, down) without scale, when its kind stores exactly that and nothing else
+    changes the layer (no DoRA magnitude, no bias difference); else None."""
+    if module.dora_scale is not None or "diff_b" in module.tensors:
+        return None
+    return module.spec.low_rank(module.tensors)
 
 
 def _factors(path: str, per_entry: list[ModuleParts]) -> RoutedLinear:
     downs, ups = [], []
     for parts in per_entry:
-        downs.append([m.tensors["down"].float() for m, _ in parts])
-        ups.append([m.tensors["up"].float() * (s * m.scale) for m, s in parts])
-    first = next(m for parts in per_entry for m, _ in parts)
-    out_f, in_f = first.out_in
+        factors = [(_low_rank(m), s * m.scale) for m, s in parts]
+        downs.append([f.down.float() for f, _ in factors])
+        ups.append([f.up.float() * scale for f, scale in factors])
+    out_f, in_f = next(m for parts in per_entry for m, _ in parts).out_in
     rank = max(sum(d.shape[0] for d in ds) for ds in downs)
     down = torch.zeros(len(per_entry), rank, in_f)
     up = torch.zeros(len(per_entry), out_f, rank)
@@ -236,7 +239,7 @@ def batched_clone(model, entries: Sequence[Parts]):
     key_patches = key_map = None
     for path in routed_paths:
         per_entry = per_path[path]
-        if all(_plain_lora(m) for parts in per_entry for m, _ in parts):
+        if all(_low_rank(m) is not None for parts in per_entry for m, _ in parts):
             routed[path] = _factors(path, per_entry)
             continue
         if key_patches is None:
