@@ -73,35 +73,50 @@ def is_finite(tensor: torch.Tensor) -> bool:
 
 
 def _check_header(path: Path) -> dict[str, str]:
-    """Validate the safetensors framing by hand; return the file's metadata."""
+    """Validate the safetensors framing by hand; return the file's metadata.
+
+    Structure decides: an 8-byte little-endian header length that fits the file, a JSON object header, and entries
+    whose byte ranges tile the data (``_check_entries``). File signatures (zip, pickle, GGUF) only explain a file
+    that fails the structure: a header length's first byte may be anything, 0x80 (pickle's opcode) included."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
             head = f.read(8)
-            for signature, what in _SIGNATURES:
-                if head.startswith(signature):
-                    raise AdapterFileError(path, f"is {what}, not safetensors: only .safetensors files are read "
-                                                 f"(pickle files can run code); convert it first")
-            if len(head) < 8:
-                raise AdapterFileError(path, f"is not safetensors: only {size} bytes long")
-            (n,) = struct.unpack("<Q", head)
-            if n < 2 or n > MAX_HEADER or n > size - 8:
-                raise AdapterFileError(path, f"is not safetensors or is truncated: its header length field says "
-                                             f"{n} bytes, the file has {size - 8} after it")
-            raw = f.read(n)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            fits = n is not None and 2 <= n <= MAX_HEADER and n <= size - 8
+            raw = f.read(n) if fits else b""
     except OSError as e:
         raise AdapterFileError(path, f"cannot be opened: {e.strerror or e}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise AdapterFileError(path, "is not safetensors: its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise AdapterFileError(path, "is not safetensors: its header is not a JSON object")
+    header = _json_object(raw) if fits else None
+    if header is None:
+        _explain_foreign(path, head)
+        if n is None:
+            raise AdapterFileError(path, f"is not safetensors: only {size} bytes long")
+        if not fits:
+            raise AdapterFileError(path, f"is not safetensors or is truncated: its header length field says "
+                                         f"{n} bytes, the file has {size - 8} after it")
+        raise AdapterFileError(path, "is not safetensors: its header is not JSON (a JSON object of tensor entries)")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise AdapterFileError(path, "has malformed metadata (safetensors metadata maps str to str)")
     _check_entries(path, header, size - 8 - n)
     return metadata
+
+
+def _json_object(raw: bytes) -> dict | None:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _explain_foreign(path: Path, head: bytes) -> None:
+    """Raise the error naming what a non-safetensors file is, when its first bytes tell."""
+    for signature, what in _SIGNATURES:
+        if head.startswith(signature):
+            raise AdapterFileError(path, f"is {what}, not safetensors: only .safetensors files are read "
+                                         f"(pickle files can run code); convert it first")
 
 
 def _check_entries(path: Path, header: dict, data_size: int) -> None:
