@@ -47,7 +47,8 @@ class Dialect:
     unet_prefix + module name (``naming``: "ldm" or "diffusers"; dots become ``_`` when ``underscore``) +
     tensor suffix; text encoders get ``te_prefixes`` (te1, te2) + their CLIP path. ``alpha``: stores a 0-d
     ``.alpha`` (otherwise alpha/rank is folded into ``up`` on writing). ``extended``: can hold LoHa, LoKr, full
-    diffs, LoCon mid tensors, bias diffs and DoRA scales.
+    diffs, LoCon mid tensors, bias diffs and DoRA scales; ``magnitude``: the suffix of a per-output-row DoRA
+    magnitude a plain dialect holds (PEFT), empty if none.
     """
 
     name: str
@@ -60,6 +61,7 @@ class Dialect:
     alpha: bool
     extended: bool
     description: str
+    magnitude: str = ""  # suffix of a per-output-row DoRA magnitude (PEFT's lora_magnitude_vector), if held
 
 
 _KOHYA_TE = ("lora_te1_", "lora_te2_")
@@ -75,7 +77,7 @@ DIALECTS: tuple[Dialect, ...] = (
             _DIFFUSERS_LORA, False, False, "original B-LoRA form with a doubled 'unet.unet.' prefix"),
     Dialect("peft", re.compile(r"\.lora_[AB](\.default)?\.weight$|\.lora_magnitude_vector"), "unet.", "diffusers",
             False, _DIFFUSERS_TE, (".lora_A.weight", ".lora_B.weight"), False, False,
-            "PEFT / new diffusers (lora_A, lora_B)"),
+            "PEFT / new diffusers (lora_A, lora_B)", ".lora_magnitude_vector"),
     Dialect("diffusers", re.compile(r"(\.lora\.|_lora\.|\.lora_linear_layer\.)(down|up)\.weight$"), "unet.",
             "diffusers", False, _DIFFUSERS_TE, _DIFFUSERS_LORA, False, False,
             "original B-LoRA / diffusers attention processors (lora.down, lora.up)"),

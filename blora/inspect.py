@@ -18,7 +18,10 @@ class AdapterReport:
     roles: content/style/layout present; blocks: LBW slots (``OUT0``…) of the attention blocks touched, SDXL
     order; kinds: adapter kinds; ranks / alphas: distinct values (alpha None: the file stores none, scale 1);
     dtypes: tensor dtypes (``float16``…); unet_other: UNet modules outside attention blocks (resnets, embeddings);
-    te_modules: text-encoder modules; unmapped: file keys that name no SDXL module (never applied).
+    te_modules: text-encoder modules; unmapped: file keys that name no SDXL module (never applied);
+    stock_differs: modules that stock LoraLoader renders differently from this pack and the file's home tool
+    (per-output-row DoRA: PEFT's magnitude, which stock ignores, or an (out, 1) dora_scale, which stock normalises
+    by ‖W‖ instead of ‖W + ΔW‖).
     """
 
     source: str
@@ -36,6 +39,7 @@ class AdapterReport:
     unmapped: tuple[str, ...]
     dora: bool
     trigger: str
+    stock_differs: int = 0
 
     def summary(self) -> str:
         """One line: ``kohya · content, style (OUT0 OUT1) · LoRA rank 64 · 160 modules · 28.2M params``."""
@@ -49,7 +53,13 @@ class AdapterReport:
             parts.append(f"{len(self.unmapped)} keys unmapped")
         if self.trigger:
             parts.append(f"trigger {self.trigger!r}")
+        if self.stock_differs:
+            parts.append(self._stock_note())
         return " · ".join(parts)
+
+    def _stock_note(self) -> str:
+        return (f"stock LoraLoader renders {self.stock_differs} DoRA modules differently (per-row norm: B-LoRA "
+                f"renders them as PEFT/LyCORIS do)")
 
     def to_dict(self) -> dict:
         """JSON-able: sets become sorted lists (None alpha first, as null)."""
@@ -79,6 +89,8 @@ class AdapterReport:
             f"trigger:   {self.trigger or '-'}",
             f"unmapped:  {len(self.unmapped)}",
         ]
+        if self.stock_differs:
+            lines.insert(5, f"note:      {self._stock_note()}")
         lines += [f"  {k}" for k in self.unmapped[:10]]
         if len(self.unmapped) > 10:
             lines.append(f"  … and {len(self.unmapped) - 10} more")
@@ -111,4 +123,4 @@ def inspect_adapter(adapter: Adapter) -> AdapterReport:
         dtypes=tuple(sorted(dtypes)), num_params=adapter.num_params, num_modules=len(modules),
         unet_other=sum(1 for p in unet if block_of(p) is None), te_modules=len(modules) - len(unet),
         unmapped=tuple(adapter.unmapped), dora=any(m.dora_scale is not None for m in modules.values()),
-        trigger=adapter.trigger)
+        trigger=adapter.trigger, stock_differs=sum(m.dora_norm == "adapted" for m in modules.values()))

@@ -137,11 +137,12 @@ def _build(parts: Mapping[str, _Part], where: str, target: tuple[str, str],
     tensors = {n: p.tensor for n, p in parts.items() if p.kind == kind or n == "diff_b"}
     main = next(p for p in parts.values() if p.kind == kind)
     try:
-        peft_dora = "adapted" if "magnitude" in parts and "dora_scale" not in parts else None
-        module = ModuleAdapter(kind, tensors, _alpha(parts, where), _dora(parts, tensors), peft_dora)
+        module = ModuleAdapter(kind, tensors, _alpha(parts, where), _dora(parts, tensors))
     except BLoRAError as e:
         raise AdapterFileError(where, str(e), main.key) from None
     _check_shapes(module, parts, where)
+    if module.dora_scale is not None and _per_output_row(module):
+        module = replace(module, dora_norm="adapted")
     if module.alpha is None and alpha_of is not None and module.rank:
         part, path = target
         name = unet_map.ldm_to_diffusers(path) if part == "unet" else path
@@ -168,12 +169,20 @@ def _dora(parts: Mapping[str, _Part], tensors: Mapping[str, torch.Tensor]) -> to
     return None
 
 
+def _per_output_row(module: ModuleAdapter) -> bool:
+    """Whether a module's DoRA magnitude is per output row (PEFT's ``lora_magnitude_vector``, LyCORIS 3.2+'s (out, 1)
+    ``dora_scale``; the host's own test: ``dora_scale.shape[0] == W.shape[0]``). Both home tools normalise such a
+    magnitude by ‖W + ΔW‖, so it renders "adapted"; an input-axis (1, in) scale renders the host's way."""
+    out = module.out_in[0]
+    return module.dora_scale.shape[0] == out and out > 1
+
+
 def _check_shapes(module: ModuleAdapter, parts: Mapping[str, _Part], where: str) -> None:
     """The kind's own checks ran when the module was made; here: a DoRA magnitude fits one axis of the weight."""
     if module.dora_scale is None:
         return
     out, inp = module.out_in
-    if module.dora_scale.shape[0] != out and (module.dora_norm or module.dora_scale.numel() != inp):
+    if module.dora_scale.shape[0] != out and ("magnitude" in parts or module.dora_scale.numel() != inp):
         dkey = (parts.get("dora_scale") or parts["magnitude"]).key
         raise AdapterFileError(where, f"DoRA scale of shape {tuple(module.dora_scale.shape)} fits neither the "
                                       f"output ({out}) nor the input ({inp}) axis", dkey)
@@ -221,23 +230,30 @@ def from_canonical(adapter: Adapter, dialect: str) -> dict[str, torch.Tensor]:
     """The state dict of ``adapter`` in ``dialect`` (kohya, comfy, diffusers, peft, kohya_diffusers,
     diffusers_doubled, lycoris). Alpha dialects always get an explicit 0-d float32 ``.alpha`` (alpha = rank when the
     adapter has none); the others get alpha/rank folded into ``up``. LoHa, LoKr, full diffs, bias diffs, LoCon mid
-    tensors and DoRA scales need an alpha (extended) dialect: others refuse them, naming the module. PEFT DoRA
-    (``dora_norm`` "adapted") is written as its (out, 1) dora_scale with a warning: stock ComfyUI renders that file
-    with its own output-axis formula, not PEFT's."""
+    tensors and DoRA scales need an alpha (extended) dialect: others refuse them, naming the module, except that
+    ``peft`` holds per-output-row DoRA as ``lora_magnitude_vector``. In extended dialects such DoRA (``dora_norm``
+    "adapted") is an (out, 1) dora_scale, which this pack and LyCORIS render with the norm of W + ΔW; a warning
+    says that stock ComfyUI renders it with the norm of W."""
     if dialect not in WRITABLE:
         raise BLoRAError(f"cannot write dialect {dialect!r}: choose one of {', '.join(WRITABLE)}")
     spec = BY_NAME[dialect]
-    peft_dora = sum(m.dora_norm == "adapted" for m in adapter.modules.values())
-    if peft_dora and spec.extended:
-        log.warning("%s: %d PEFT DoRA module(s) written as an (out, 1) dora_scale; stock ComfyUI renders that with "
-                    "its output-axis formula (norm of the un-adapted weight), not PEFT's, and so does B-LoRA once the "
-                    "file is read back: keep the PEFT file to render it exactly", adapter.source or "adapter", peft_dora)
+    per_row = sum(m.dora_norm == "adapted" for m in adapter.modules.values())
+    if per_row and spec.extended:
+        log.warning("%s: %d per-output-row DoRA module(s) written as an (out, 1) dora_scale: B-LoRA, LyCORIS and PEFT "
+                    "render it with the norm of W + ΔW, stock ComfyUI's LoraLoader with the norm of W (renders "
+                    "differently)", adapter.source or "adapter", per_row)
     out: dict[str, torch.Tensor] = {}
     for path in sorted(adapter.modules):
         module = adapter.modules[path]
         key = module_key(spec, path)
         plain = module.spec.plain
-        extra = [n for n in module.tensors if n not in plain] + (["dora_scale"] if module.dora_scale is not None else [])
+        magnitude = bool(spec.magnitude) and module.dora_norm == "adapted"  # per-row DoRA in a PEFT file
+        dora = module.dora_scale is not None and not magnitude
+        extra = [n for n in module.tensors if n not in plain] + (["dora_scale"] if dora else [])
+        if spec.magnitude and plain and extra == ["dora_scale"]:
+            raise BLoRAError(f"module {path!r} has an input-axis DoRA scale {tuple(module.dora_scale.shape)}: the "
+                             f"{dialect} dialect holds DoRA only per output row (lora_magnitude_vector); write it "
+                             f"as kohya or comfy")
         if not spec.extended and (not plain or extra):
             raise BLoRAError(f"module {path!r} is {module.kind}{' with ' + ', '.join(extra) if extra else ''}: "
                              f"the {dialect} dialect holds only plain LoRA; write it as kohya or comfy")
@@ -249,9 +265,11 @@ def _module_tensors(spec: Dialect, key: str, module: ModuleAdapter) -> dict[str,
     names = module.spec.suffixes(spec.down_up)
     tensors = module.tensors if spec.alpha else module.spec.fold_scale(module.tensors, module.scale)
     out = {key + names[n]: v for n, v in tensors.items()}
-    if spec.alpha and module.rank:
+    if spec.alpha and (module.rank or module.alpha is not None):  # a full LoKr has rank 0 and keeps its alpha
         alpha = float(module.rank) if module.alpha is None else float(module.alpha)
         out[key + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
-    if module.dora_scale is not None:
+    if module.dora_scale is not None and spec.magnitude:
+        out[key + spec.magnitude] = module.dora_scale.reshape(-1)
+    elif module.dora_scale is not None:
         out[key + ".dora_scale"] = module.dora_scale
     return out

@@ -5,9 +5,9 @@ Each adapter is written in the kohya LDM dialect (``blora.keys.from_canonical``)
 ``LoraLoaderModelOnly`` gives for the same kohya file (LoRA, LoHa, LoKr and DoRA alike). What the host would skip
 quietly (modules missing from the model, shape mismatches, keys it cannot load) is refused before patching.
 
-One exception: PEFT DoRA (a ``lora_magnitude_vector``, ``ModuleAdapter.dora_norm == "adapted"``), which stock
-ComfyUI does not read and whose output-axis ``dora_scale`` form it would render with the norm of the un-adapted
-weight. Such a module is rendered here with PEFT's formula against the model's current weight W and handed to the
+One exception: per-output-row DoRA (a PEFT ``lora_magnitude_vector`` or a LyCORIS (out, 1) ``dora_scale``,
+``ModuleAdapter.dora_norm == "adapted"``), which stock ComfyUI does not read (PEFT) or renders with the norm of the
+un-adapted weight (its output-axis branch), unlike PEFT and LyCORIS. Such a module is rendered here with PEFT's formula against the model's current weight W and handed to the
 host as a full-rank diff D = m ⊙ (W + ΔW) / ‖W + ΔW‖_row − W, so strength s gives W + s·D (ComfyUI's DoRA strength).
 """
 from __future__ import annotations

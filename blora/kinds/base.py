@@ -120,9 +120,10 @@ class ModuleAdapter:
     delta_weight ignores (it is the weight's delta); the host applies it to the bias.
     alpha: as stored in the file; None when the file stores none (scale 1, i.e. alpha = rank).
     dora_scale: DoRA magnitude as stored ((out, 1) output axis or (1, in) input axis), or None; any kind may carry
-    one. dora_norm: None = render dora_scale as the host does (kohya/LyCORIS files); "adapted" = PEFT/paper DoRA
-    (a PEFT ``lora_magnitude_vector``): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ per output row, which ``blora.host`` renders
-    itself (stock ComfyUI's output-axis branch divides by the un-adapted ‖W‖ instead).
+    one. dora_norm: None = render dora_scale as the host does (an input-axis (1, in) scale, which the host renders
+    exactly); "adapted" = per-output-row DoRA as PEFT, LyCORIS 3.2+ and the paper render it (a PEFT
+    ``lora_magnitude_vector`` or an (out, 1) ``dora_scale``): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ per output row, which
+    ``blora.host`` renders itself (stock ComfyUI's output-axis branch divides by the un-adapted ‖W‖ instead).
     """
 
     kind: str

@@ -138,3 +138,57 @@ def test_convert_dtype_and_refusal(run, tmp_path):
     assert "holds only plain LoRA" in p.stderr and not (tmp_path / "no.safetensors").exists()
     half = run("convert", loha, "--to", "comfy", "--dtype", "fp16", "-o", tmp_path / "half").stdout.strip()
     assert read_adapter(half).modules[f"{STYLE}.transformer_blocks.0.attn1.to_q"].tensors["w1a"].dtype == torch.float16
+
+
+def _full_lokr_file(path, alpha):
+    """A LyCORIS LoKr with full (unfactored) w1 and w2 on every module of the B-LoRA pair, as LyCORIS writes
+    when the rank is large: lokr_w1, lokr_w2 and a 0-d .alpha (which LyCORIS's loader requires)."""
+    gen = torch.Generator().manual_seed(5)
+    sd = {}
+    for path_, (o, i) in blora_shapes(TINY_ATTN_SHAPES).items():
+        name = "lora_unet_" + path_.replace(".", "_")
+        sd[name + ".lokr_w1"] = torch.randn(4, 4, generator=gen)
+        sd[name + ".lokr_w2"] = torch.randn(o // 4, i // 4, generator=gen) * 0.1
+        sd[name + ".alpha"] = torch.tensor(float(alpha))
+    save_file(sd, str(path))
+    return sd
+
+
+@pytest.mark.parametrize("dialect", ["lycoris", "kohya", "comfy", "kohya_diffusers"])
+def test_convert_full_lokr_keeps_every_alpha(run, tmp_path, dialect):
+    src = _full_lokr_file(tmp_path / "lokr_full.safetensors", alpha=8.0)
+    out = run("convert", tmp_path / "lokr_full.safetensors", "--to", dialect, "-o", tmp_path / "out").stdout.strip()
+    from safetensors.torch import load_file
+    written = load_file(out)
+    alphas = {k: v for k, v in written.items() if k.endswith(".alpha")}
+    assert len(alphas) == sum(k.endswith(".alpha") for k in src) and alphas
+    assert all(v.ndim == 0 and v.item() == 8.0 for v in alphas.values())
+    got, want = read_adapter(out), read_adapter(tmp_path / "lokr_full.safetensors")
+    for p, m in want.modules.items():
+        assert torch.equal(delta_weight(got.modules[p]), delta_weight(m))
+
+
+def test_convert_peft_dora_to_peft_keeps_the_magnitude(run, tmp_path):
+    """PEFT's format holds DoRA (lora_magnitude_vector): a PEFT DoRA file converts to peft, and back exactly."""
+    shapes = blora_shapes(TINY_ATTN_SHAPES)
+    sd = make_state_dict("peft_base_model", shapes, rank=2, seed=0, dora=True)
+    save_file(sd, str(tmp_path / "dora.safetensors"))
+    out = run("convert", tmp_path / "dora.safetensors", "--to", "peft", "-o", tmp_path / "dora_peft").stdout.strip()
+    from safetensors.torch import load_file
+    written = load_file(out)
+    mags = {k: v for k, v in written.items() if k.endswith(".lora_magnitude_vector")}
+    assert len(mags) == len(shapes) and all(v.ndim == 1 for v in mags.values())
+    got, want = read_adapter(out), read_adapter(tmp_path / "dora.safetensors")
+    assert got.dialect == "peft"
+    for p, m in want.modules.items():
+        n = got.modules[p]
+        assert n.dora_norm == m.dora_norm == "adapted"
+        assert torch.equal(n.dora_scale, m.dora_scale) and torch.equal(delta_weight(n), delta_weight(m))
+
+
+def test_convert_input_axis_dora_to_peft_is_refused_naming_the_module(run, tmp_path):
+    """PEFT's magnitude is per output row; an input-axis (1, in) dora_scale has no PEFT form."""
+    sd = make_state_dict("kohya", blora_shapes(TINY_ATTN_SHAPES), rank=2, seed=0, alpha=2.0, dora=True)
+    save_file(sd, str(tmp_path / "dora_in.safetensors"))
+    p = run("convert", tmp_path / "dora_in.safetensors", "--to", "peft", "-o", tmp_path / "no", ok=False)
+    assert "input-axis" in p.stderr and "output_blocks." in p.stderr and not (tmp_path / "no.safetensors").exists()

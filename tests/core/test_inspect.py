@@ -45,3 +45,16 @@ def test_to_dict_is_json_and_format_is_multiline():
     assert d["te_modules"] == 1 and d["unet_other"] == 1 and d["dialect"] == "lycoris"
     text = r.format()
     assert len(text.splitlines()) >= 10 and "LoHa+LoRA" in text and "1 text encoder" in text
+
+
+def test_summary_says_when_stock_loraloader_renders_the_file_differently():
+    """Per-output-row DoRA (PEFT magnitude, LyCORIS (out, 1) dora_scale) renders with ‖W + ΔW‖ here and in the home
+    tools, with ‖W‖ (or not at all) in stock LoraLoader: the summary says so; input-axis DoRA and plain LoRA, which
+    stock renders the same, do not get the note."""
+    peft = _report(make_state_dict("peft", PAIR, rank=4, seed=0, dora=True))
+    assert peft.stock_differs == len(PAIR)
+    assert f"stock LoraLoader renders {len(PAIR)} DoRA modules differently" in peft.summary()
+    assert "stock LoraLoader" in peft.format() and peft.to_dict()["stock_differs"] == len(PAIR)
+    for sd in (make_state_dict("kohya", PAIR, rank=4, seed=0, dora=True), make_state_dict("kohya", PAIR, 4, 0)):
+        r = _report(sd)
+        assert r.stock_differs == 0 and "stock" not in r.summary()

@@ -92,18 +92,46 @@ def test_peft_magnitude_is_marked_for_peft_rendering_and_kohya_dora_scale_is_not
     assert peft.modules[path].to(torch.float16).dora_norm == "adapted"  # kept through copies
 
 
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_output_axis_dora_scale_is_marked_for_the_adapted_norm(kind):
+    """LyCORIS (3.2+) writes DoRA per output row as an (out, 1) dora_scale and normalises by ‖W + ΔW‖, as PEFT does;
+    stock ComfyUI's output-axis branch divides by ‖W‖. Such a module renders the home tools' way ("adapted"); an
+    input-axis (1, in) scale (old LyCORIS, this pack's trainer) keeps the host's rendering, which is exact."""
+    sd = make_state_dict("lycoris", PAIR, rank=4, seed=0, alpha=2.0, kind=kind, dora=True)
+    rows = {}
+    for key in [k for k in sd if k.endswith(".dora_scale")]:
+        path = key[len("lora_unet_"):-len(".dora_scale")]
+        out = next(s for p, s in PAIR.items() if p.replace(".", "_") == path)[0]
+        rows[key] = sd[key] = torch.rand(out, 1) + 0.5
+    adapter = to_canonical(sd, "lyco_dora.safetensors")
+    assert {m.dora_norm for m in adapter.modules.values()} == {"adapted"}
+    assert {tuple(m.dora_scale.shape)[1:] for m in adapter.modules.values()} == {(1,)}
+    input_axis = to_canonical(make_state_dict("lycoris", PAIR, rank=4, seed=0, alpha=2.0, kind=kind, dora=True))
+    assert {m.dora_norm for m in input_axis.modules.values()} == {None}
+
+
+def test_output_axis_dora_round_trips_through_kohya_and_peft():
+    peft = to_canonical(make_state_dict("peft", PAIR, rank=4, seed=0, dora=True), "peft.safetensors")
+    kohya = to_canonical(from_canonical(peft, "kohya"))
+    back = to_canonical(from_canonical(kohya, "peft"))
+    for path, m in peft.modules.items():
+        for other in (kohya.modules[path], back.modules[path]):
+            assert other.dora_norm == "adapted" and torch.equal(other.dora_scale.reshape(-1), m.dora_scale.reshape(-1))
+            assert _close(delta_weight(other), delta_weight(m))
+
+
 def test_peft_dora_written_as_kohya_warns_and_keeps_the_output_axis_scale(caplog):
     path = f"{STYLE}.transformer_blocks.0.attn2.to_k"
     adapter = to_canonical(make_state_dict("peft", PAIR, rank=4, seed=0, dora=True), "peft.safetensors")
     with caplog.at_level("WARNING", logger="blora.keys"):
         sd = from_canonical(adapter, "kohya")
-    assert "PEFT DoRA" in caplog.text and "peft.safetensors" in caplog.text
+    assert "per-output-row DoRA" in caplog.text and "peft.safetensors" in caplog.text
     scale = sd["lora_unet_" + path.replace(".", "_") + ".dora_scale"]
     assert torch.equal(scale, adapter.modules[path].dora_scale) and scale.shape == (128, 1)
     caplog.clear()
     with caplog.at_level("WARNING", logger="blora.keys"):
         from_canonical(to_canonical(make_state_dict("kohya", PAIR, rank=4, seed=0, dora=True)), "kohya")
-    assert "PEFT DoRA" not in caplog.text
+    assert "per-output-row DoRA" not in caplog.text
 
 
 def test_peft_magnitude_of_input_size_is_an_error():

@@ -138,6 +138,28 @@ def test_peft_dora_renders_with_peft_formula(nodes, host_dirs, tiny_model, stren
     assert all(torch.equal(w, base[p]) for p, w in base_weights(tiny_model).items())
 
 
+@pytest.mark.parametrize("kind", ["lora", "lokr"])
+def test_output_axis_dora_scale_renders_as_lycoris_and_peft_do(nodes, host_dirs, tiny_model, kind):
+    """A LyCORIS (3.2+) DoRA file: (out, 1) dora_scale. LyCORIS and PEFT normalise W + ΔW per row; stock ComfyUI's
+    output-axis branch normalises W. The pack renders the home tools' way, and the Load node's summary says that
+    stock LoraLoader renders the file differently."""
+    shapes = blora_shapes(TINY_ATTN_SHAPES)
+    sd = make_state_dict("lycoris", shapes, rank=RANK, seed=5, alpha=ALPHA, kind=kind, dora=True)
+    f = factors(shapes, RANK, 5, kind=kind, dora=True)
+    for path in shapes:
+        sd["lora_unet_" + path.replace(".", "_") + ".dora_scale"] = f[path]["dora_out"].reshape(-1, 1)
+    write_lora(host_dirs / "models" / "loras", "lyco_dora.safetensors", sd)
+    deltas = reference_deltas(shapes, rank=RANK, seed=5, alpha=ALPHA, kind=kind)
+    base = base_weights(tiny_model)
+    (adapter, _, summary), _ = run_node(nodes.load.BLoRALoader, lora_name="lyco_dora.safetensors")
+    got = patched_weights(apply(nodes, tiny_model, content=adapter, style=adapter, c=1.0, s=0.5))
+    for path in shapes:
+        strength = 1.0 if in_block(path, CONTENT) else 0.5
+        expected = peft_dora_reference(base[path], deltas[path], f[path]["dora_out"], strength)
+        assert_rel_close(got[path], expected, rtol=2e-6, what=path)
+    assert f"stock LoraLoader renders {len(shapes)} DoRA modules differently" in summary
+
+
 def test_peft_dora_normalises_the_weight_the_input_model_renders(nodes, host_dirs, tiny_model):
     """A model already carrying a LoRA (stock loader) on the same modules: PEFT DoRA normalises W + ΔW_prev."""
     loras = host_dirs / "models" / "loras"
