@@ -3,7 +3,8 @@ the optimizer's parameter groups. Pure torch; the host side lives in ``blora.hos
 
 The recipe (Frenkel et al., ECCV 2024): one image, rank 64, alpha = rank, AdamW lr 5e-5 constant, weight decay
 1e-4, betas (0.9, 0.999), eps 1e-8, grad-norm clip 1.0, 1000 steps, batch 1, uniform integer timesteps, MSE on the
-model's own prediction target, content and style blocks trained jointly, seed 0.
+model's own prediction target, content and style blocks trained jointly, seed 0; down matrices drawn from a normal
+distribution with std 1/rank, up matrices zero (diffusers' LoRALinearLayer).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from .blocks import ROLES, block_of, resolve_block
 from .errors import BLoRAError
+from .trainable import INITIALISATIONS
 
 # Preset name -> roles whose blocks get adapters. "custom" selects by layer_filter alone.
 BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
@@ -28,6 +30,7 @@ BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
 ALGORITHMS = ("LoRA", "DoRA")
 OPTIMIZERS = ("AdamW", "SGD")
 TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 # The original trainer's targets inside an attention block: q, k, v, out of both attentions, nothing else.
 ATTENTION_TARGET = re.compile(r"\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
@@ -81,9 +84,11 @@ class TrainConfig:
     resolution: int = 1024
     flip: bool = False
     seed: int = 0
+    init: str = "gaussian"
     training_dtype: str = "bf16"
     gradient_checkpointing: bool = True
     save_every: int = 0
+    save_precision: str = "fp16"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float = 1.0
@@ -97,8 +102,10 @@ class TrainConfig:
             _at_least("weight_decay", self.weight_decay, 0.0), _at_least("steps", self.steps, 1),
             _at_least("batch_size", self.batch_size, 1), _at_least("grad_accumulation", self.grad_accumulation, 1),
             _at_least("resolution", self.resolution, 64), _at_least("seed", self.seed, 0),
+            _choice("init", self.init, INITIALISATIONS),
             _choice("training_dtype", self.training_dtype, TRAINING_DTYPES),
             _at_least("save_every", self.save_every, 0),
+            _choice("save_precision", self.save_precision, SAVE_PRECISIONS),
             _positive("eps", self.eps), _at_least("max_grad_norm", self.max_grad_norm, 0.0),
         ]
         if self.blocks == "custom" and not self.layer_filter.strip():

@@ -19,6 +19,7 @@ import torch
 from ..adapter import Adapter, check_fits
 from ..errors import BLoRAError
 from ..kinds.lora import LoRA, TrainableLoRA
+from ..loss_history import losses_in
 from ..training import TrainConfig, make_optimizer, select_targets
 from .patch import model_weight_shapes, patched_clone, require_sdxl
 from .train_inputs import ModelSchedule, check_batchable, model_schedule, prepare_samples
@@ -74,7 +75,7 @@ def _new_adapters(model, targets: list[str], config: TrainConfig, resume: Adapte
         return {p: TrainableLoRA.from_module(resume.modules[p]).to(device) for p in targets}
     generator = torch.Generator().manual_seed(config.seed)
     return {p: TrainableLoRA.create(unet.get_submodule(p).weight.to(device), config.rank, config.scale,
-                                    config.algorithm == "DoRA", generator) for p in targets}
+                                    config.algorithm == "DoRA", generator, config.init) for p in targets}
 
 
 def _export(adapters: dict[str, TrainableLoRA], config: TrainConfig) -> Adapter:
@@ -117,19 +118,20 @@ def train_blora(model, vae, images, positive, config: TrainConfig, filename_pref
     check_batchable(samples, config.batch_size)
     target = save_target(filename_prefix)
     steps_before = steps_in(resume.metadata) if resume is not None else 0
+    losses_before = losses_in(resume.metadata) if resume is not None else []
     base = base_model_fingerprint(model)
 
-    def save(adapters: dict[str, TrainableLoRA], filename: str, done: int) -> Adapter:
-        meta = train_metadata(config, steps_before + done, base, schedule.prediction)
+    def save(adapters: dict[str, TrainableLoRA], filename: str, done: int, losses: list[float]) -> Adapter:
+        meta = train_metadata(config, steps_before + done, base, schedule.prediction, losses_before + losses)
         return write_trained(_export(adapters, config), target, filename, meta)
 
     with torch.inference_mode(False):
         adapters = _new_adapters(model, targets, config, resume)
         start = time.monotonic()
         losses = _fit(model, adapters, samples, schedule, config, node_id,
-                      lambda step: save(adapters, target.checkpoint(step), step), steps_before)
+                      lambda step, so_far: save(adapters, target.checkpoint(step), step, so_far), steps_before)
         elapsed = time.monotonic() - start
-        adapter = save(adapters, target.final, config.steps)
+        adapter = save(adapters, target.final, config.steps, losses)
     log.info("B-LoRA trained: %d steps in %.1fs, final loss %.4g, saved %s", config.steps, elapsed, losses[-1],
              adapter.source)
     return TrainOutcome(patched_clone(model, [(adapter, 1.0)]), adapter, losses, adapter.source, elapsed)

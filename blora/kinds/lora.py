@@ -11,6 +11,20 @@ from ..errors import BLoRAError
 from .base import Kind, LowRank, ModuleAdapter, Tensors, register
 
 DORA_EPS = torch.finfo(torch.float32).eps
+# How a fresh adapter's down matrix is drawn (up always starts at zero, so W' = W at step 0):
+#   gaussian: normal, std 1/rank (the original B-LoRA training: diffusers LoRALinearLayer, PEFT
+#             init_lora_weights="gaussian");
+#   kaiming_uniform: uniform in +-1/sqrt(in) (kaiming-uniform with a=sqrt(5), PEFT's default).
+INITIALISATIONS = ("gaussian", "kaiming_uniform")
+
+
+def initial_down(rank: int, in_features: int, init: str, generator: torch.Generator) -> torch.Tensor:
+    """A fresh (rank, in) down matrix, float32 on the CPU, drawn from ``generator`` as ``init`` says."""
+    if init == "gaussian":
+        return torch.randn(rank, in_features, generator=generator) / rank
+    if init == "kaiming_uniform":
+        return (torch.rand(rank, in_features, generator=generator) * 2 - 1) / in_features ** 0.5
+    raise BLoRAError(f"unknown initialisation {init!r}: expected one of {', '.join(INITIALISATIONS)}")
 
 
 @register
@@ -93,7 +107,7 @@ class TrainableLoRA(torch.nn.Module):
     (``comfy.weight_adapter.base.weight_decompose``): column norms over the output axis, eps = float32 eps, all
     in float32; as in the DoRA paper (and PEFT) the norm is a constant in backward.
 
-    down: (r, in) uniform(+-1/sqrt(in)) (kaiming-uniform, a=sqrt(5)); up: (out, r) zeros; magnitude: (1, in)
+    down: (r, in) as ``initial_down`` draws it; up: (out, r) zeros; magnitude: (1, in)
     for DoRA (the column norm of W plus eps, so W' = W at the start). Parameters are float32."""
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, magnitude: torch.Tensor | None = None):
@@ -108,11 +122,10 @@ class TrainableLoRA(torch.nn.Module):
 
     @classmethod
     def create(cls, weight: torch.Tensor, rank: int, scale: float, dora: bool,
-               generator: torch.Generator) -> "TrainableLoRA":
+               generator: torch.Generator, init: str = "gaussian") -> "TrainableLoRA":
         """A fresh adapter for ``weight`` (out, in), drawn from ``generator`` (CPU), on weight's device."""
         out_features, in_features = weight.shape
-        bound = 1.0 / in_features ** 0.5
-        down = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+        down = initial_down(rank, in_features, init, generator)
         up = torch.zeros(out_features, rank)
         magnitude = column_norm(weight) + DORA_EPS if dora else None
         dev = weight.device

@@ -2,6 +2,7 @@
 trainable LoRA / rsLoRA / DoRA math and training-image preparation (torch only)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -72,7 +73,8 @@ def test_rslora_scale_and_stored_alpha():
 def test_metadata_records_every_setting():
     meta = TrainConfig(rank=4).as_metadata()
     assert meta["blora.train.rank"] == "4" and meta["blora.train.blocks"] == "content+style"
-    assert all(isinstance(v, str) for v in meta.values()) and len(meta) == 22
+    assert all(isinstance(v, str) for v in meta.values())
+    assert sorted(meta) == sorted(f"blora.train.{f.name}" for f in dataclasses.fields(TrainConfig))
 
 
 # ---------------------------------------------------------------- targets
@@ -200,9 +202,31 @@ def test_fresh_adapter_is_identity_and_draws_from_the_generator():
         a = TrainableLoRA.create(w, 3, 2.0, dora, torch.Generator().manual_seed(1))
         assert torch.equal(a(w), w)
         assert a.down.shape == (3, 5) and a.up.shape == (6, 3) and float(a.up.detach().abs().sum()) == 0.0
-        assert float(a.down.detach().abs().max()) <= 1 / math.sqrt(5)
     b = TrainableLoRA.create(w, 3, 2.0, False, torch.Generator().manual_seed(1))
     assert torch.equal(a.down, b.down)
+
+
+def test_the_default_initialisation_is_the_original_normal_with_std_one_over_rank():
+    """diffusers' LoRALinearLayer (the original B-LoRA trainer) and PEFT init_lora_weights="gaussian": down ~
+    N(0, 1/rank), up = 0. The other choice, kaiming_uniform, is PEFT's default: uniform in +-1/sqrt(in)."""
+    assert TrainConfig().init == "gaussian"
+    rank, fan_in = 4, 8192
+    w = torch.zeros(16, fan_in)
+    down = TrainableLoRA.create(w, rank, 1.0, False, torch.Generator().manual_seed(0)).down.detach().flatten()
+    n = down.numel()
+    assert abs(float(down.mean())) < 4 / rank / math.sqrt(n)  # mean 0 within 4 standard errors
+    assert float(down.std()) == pytest.approx(1 / rank, rel=0.02)
+    # normal, not uniform: the share within one std is 68.3% (uniform: 57.7%), excess kurtosis 0 (uniform: -1.2)
+    assert float((down.abs() < 1 / rank).float().mean()) == pytest.approx(0.6827, abs=0.01)
+    kurtosis = float(((down - down.mean()) ** 4).mean() / down.var() ** 2) - 3
+    assert abs(kurtosis) < 0.1
+    uniform = TrainableLoRA.create(w, rank, 1.0, False, torch.Generator().manual_seed(0),
+                                   init="kaiming_uniform").down.detach().flatten()
+    bound = 1 / math.sqrt(fan_in)
+    assert float(uniform.abs().max()) <= bound and float(uniform.abs().max()) > 0.99 * bound
+    assert float(uniform.std()) == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    with pytest.raises(BLoRAError, match="init"):
+        TrainConfig(init="xavier")
 
 
 def test_lora_forward_and_export_match_the_alpha_over_rank_rule():
