@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from .adapter import Adapter
 from .blocks import block_of
 from .kinds import KINDS
+from .loss_history import training_summary
 
 KIND_NAMES = {name: kind.label for name, kind in KINDS.items()}
 
@@ -21,7 +22,8 @@ class AdapterReport:
     te_modules: text-encoder modules; unmapped: file keys that name no SDXL module (never applied);
     stock_differs: modules that stock LoraLoader renders differently from this pack and the file's home tool
     (per-output-row DoRA: PEFT's magnitude, which stock ignores, or an (out, 1) dora_scale, which stock normalises
-    by ‖W‖ instead of ‖W + ΔW‖).
+    by ‖W‖ instead of ‖W + ΔW‖); training: steps and final loss of a file this pack trained
+    (``loss_history.training_summary``), else "".
     """
 
     source: str
@@ -40,6 +42,7 @@ class AdapterReport:
     dora: bool
     trigger: str
     stock_differs: int = 0
+    training: str = ""
 
     def summary(self) -> str:
         """One line: ``kohya · content, style (OUT0 OUT1) · LoRA rank 64 · 160 modules · 28.2M params``."""
@@ -55,6 +58,8 @@ class AdapterReport:
             parts.append(f"trigger {self.trigger!r}")
         if self.stock_differs:
             parts.append(self._stock_note())
+        if self.training:
+            parts.append(self.training)
         return " · ".join(parts)
 
     def _stock_note(self) -> str:
@@ -87,6 +92,7 @@ class AdapterReport:
             f"{self.te_modules} text encoder)",
             f"params:    {self.num_params:,}",
             f"trigger:   {self.trigger or '-'}",
+            f"training:  {self.training or '-'}",
             f"unmapped:  {len(self.unmapped)}",
         ]
         if self.stock_differs:
@@ -123,4 +129,5 @@ def inspect_adapter(adapter: Adapter) -> AdapterReport:
         dtypes=tuple(sorted(dtypes)), num_params=adapter.num_params, num_modules=len(modules),
         unet_other=sum(1 for p in unet if block_of(p) is None), te_modules=len(modules) - len(unet),
         unmapped=tuple(adapter.unmapped), dora=any(m.dora_scale is not None for m in modules.values()),
-        trigger=adapter.trigger, stock_differs=sum(m.dora_norm == "adapted" for m in modules.values()))
+        trigger=adapter.trigger, stock_differs=sum(m.dora_norm == "adapted" for m in modules.values()),
+        training=training_summary(adapter.metadata))

@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 from ..blora.files import read_adapter
 from ..blora.inspect import inspect_adapter
+from ..blora.loss_history import loss_map, losses_in
 from .folders import adapter_files, adapter_path
 from .types import BLoRA
 
@@ -37,7 +38,11 @@ class BLoRALoader(io.ComfyNode):
                      io.String.Output(display_name="trigger",
                                       tooltip="Trigger token from the file's metadata, or empty."),
                      io.String.Output(display_name="summary",
-                                      tooltip="One line: dialect, blocks and roles, rank, alpha, parameters.")])
+                                      tooltip="One line: dialect, blocks and roles, rank, alpha, parameters; for a "
+                                              "file this pack trained, its steps and final loss."),
+                     io.Custom("LOSS_MAP").Output(display_name="loss_map",
+                                                  tooltip="The per-step loss a file this pack trained records "
+                                                          "(for Plot Loss Graph); empty for other files.")])
 
     @classmethod
     def fingerprint_inputs(cls, lora_name: str) -> tuple:
@@ -51,7 +56,7 @@ class BLoRALoader(io.ComfyNode):
     def execute(cls, lora_name: str) -> io.NodeOutput:
         adapter = read_adapter(adapter_path(lora_name))
         report = inspect_adapter(adapter)
-        return io.NodeOutput(adapter, adapter.trigger or "", report.summary(),
+        return io.NodeOutput(adapter, adapter.trigger or "", report.summary(), loss_map(losses_in(adapter.metadata)),
                              ui={"blora": [ui_report(adapter, report, lora_name)]})
 
 

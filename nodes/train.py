@@ -4,9 +4,11 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..blora.files import read_adapter
+from ..blora.loss_history import loss_map
 from ..blora.host.train import train_blora
 from ..blora.host.output_files import register_output_loras
-from ..blora.training import ALGORITHMS, BLOCK_PRESETS, OPTIMIZERS, TRAINING_DTYPES, TrainConfig
+from ..blora.trainable import INITIALISATIONS
+from ..blora.training import ALGORITHMS, BLOCK_PRESETS, OPTIMIZERS, SAVE_PRECISIONS, TRAINING_DTYPES, TrainConfig
 from .folders import adapter_files, adapter_path
 from .types import BLoRA
 
@@ -65,6 +67,13 @@ def _inputs() -> list:
         io.Combo.Input("resume_from", options=[NO_RESUME] + adapter_files(), default=NO_RESUME, optional=True,
                        tooltip="Continue training a B-LoRA this node wrote (same blocks, rank, alpha, algorithm); "
                                "its steps add up in the new file."),
+        io.Combo.Input("init", options=list(INITIALISATIONS), default=d.init, optional=True,
+                       tooltip="How a fresh run draws the down matrices (up starts at zero): gaussian, std 1/rank, "
+                               "as the original B-LoRA training (diffusers, PEFT init 'gaussian'); kaiming_uniform, "
+                               "uniform in +-1/sqrt(in features), PEFT's default."),
+        io.Combo.Input("save_precision", options=list(SAVE_PRECISIONS), default=d.save_precision, optional=True,
+                       tooltip="Precision of the saved file: fp16 (half the size of fp32, read everywhere), bf16, "
+                               "or fp32 (exactly the trained weights)."),
     ]
 
 
@@ -81,7 +90,10 @@ class BLoRATrain(io.ComfyNode):
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The input model with the trained B-LoRA at "
                                                                    "strength 1."),
                      BLoRA.Output(display_name="BLORA", tooltip="The trained B-LoRA (for Apply B-LoRA and the "
-                                                                "other B-LoRA nodes).")],
+                                                                "other B-LoRA nodes)."),
+                     io.Custom("LOSS_MAP").Output(display_name="loss_map",
+                                                  tooltip="The loss of every step, for the host's Plot Loss "
+                                                          "Graph (also kept in the file's metadata).")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True)
 
@@ -92,7 +104,8 @@ class BLoRATrain(io.ComfyNode):
         resume = None if resume_from in (None, "", NO_RESUME) else read_adapter(adapter_path(resume_from))
         out = train_blora(model, vae, images, positive, config, filename_prefix=filename_prefix, resume=resume,
                           node_id=cls.hidden.unique_id)
-        return io.NodeOutput(out.model, out.adapter, ui={"loss": out.losses, "elapsed": [out.elapsed]})
+        return io.NodeOutput(out.model, out.adapter, loss_map(out.losses),
+                             ui={"loss": out.losses, "elapsed": [out.elapsed]})
 
 
 NODES = [BLoRATrain]

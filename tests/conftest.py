@@ -121,7 +121,7 @@ def pack(comfy_host):
 
 @pytest.fixture
 def host_dirs(comfy_host, tmp_path, monkeypatch):
-    """Fresh models/, output/ and input/ folders for one test (the host's folder_paths pointed at them)."""
+    """Fresh models/, output/, input/ and temp/ folders for one test (the host's folder_paths pointed at them)."""
     import folder_paths
 
     models = tmp_path / "models"
@@ -132,10 +132,12 @@ def host_dirs(comfy_host, tmp_path, monkeypatch):
         exts = folder_paths.folder_names_and_paths.get(folder, ([], {".safetensors"}))[1]
         folder_paths.folder_names_and_paths[folder] = ([str(models / folder)], set(exts) or {".safetensors"})
     old_out, old_in = folder_paths.get_output_directory(), folder_paths.get_input_directory()
+    old_temp = folder_paths.get_temp_directory()
     folder_paths.set_output_directory(str(tmp_path / "output"))
     folder_paths.set_input_directory(str(tmp_path / "input"))
-    (tmp_path / "output").mkdir()
-    (tmp_path / "input").mkdir()
+    folder_paths.set_temp_directory(str(tmp_path / "temp"))
+    for sub in ("output", "input", "temp"):
+        (tmp_path / sub).mkdir()
     if hasattr(folder_paths, "filename_list_cache"):
         folder_paths.filename_list_cache.clear()
     yield tmp_path
@@ -143,6 +145,7 @@ def host_dirs(comfy_host, tmp_path, monkeypatch):
     folder_paths.folder_names_and_paths.update(saved)
     folder_paths.set_output_directory(old_out)
     folder_paths.set_input_directory(old_in)
+    folder_paths.set_temp_directory(old_temp)
     if hasattr(folder_paths, "filename_list_cache"):
         folder_paths.filename_list_cache.clear()
 

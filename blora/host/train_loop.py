@@ -104,7 +104,7 @@ def preview_decoder(state: TrainState):
 
 
 def run_loop(state: TrainState, node_id: str | None = None,
-             on_checkpoint: Callable[[int], None] | None = None) -> list[float]:
+             on_checkpoint: Callable[[int, list[float]], None] | None = None) -> list[float]:
     """Train ``config.steps`` steps; returns the loss of each. Raises the host's InterruptProcessingException
     (checked before every step) when the user cancels; checkpoints already written stay."""
     c = state.config
@@ -125,5 +125,5 @@ def run_loop(state: TrainState, node_id: str | None = None,
             send({"step": step + 1, "steps": c.steps, "loss": losses[-1], "elapsed": time.monotonic() - start})
         done = step + 1
         if on_checkpoint is not None and c.save_every and done % c.save_every == 0 and done < c.steps:
-            on_checkpoint(done)
+            on_checkpoint(done, losses)
     return losses

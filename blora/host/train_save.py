@@ -11,13 +11,14 @@ import hashlib
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
 from ..adapter import Adapter
 from ..files import write_adapter
-from ..training import TrainConfig
+from ..loss_history import LOSS_KEY, encode_losses
+from ..training import SAVE_PRECISIONS, TrainConfig
 from .output_files import SaveTarget
 
 HASHED_WEIGHTS = 4  # weights (first and last of the sorted UNet keys) hashed to identify the base model
@@ -50,10 +51,13 @@ def base_model_fingerprint(model) -> tuple[str, str]:
     return type(base.model_config).__name__, digest.hexdigest()[:16]
 
 
-def train_metadata(config: TrainConfig, steps_total: int, base: tuple[str, str], prediction: str) -> dict[str, str]:
+def train_metadata(config: TrainConfig, steps_total: int, base: tuple[str, str], prediction: str,
+                   losses: Sequence[float] = ()) -> dict[str, str]:
     """The training record written beside the tensors (``blora.*``, plus the kohya ``ss_*`` keys other tools
-    show). Roles, blocks, rank and stored alpha are added by ``write_adapter``."""
+    show), with the loss of every step so far (``blora.loss``, earlier runs' steps first). Roles, blocks, rank and
+    stored alpha are added by ``write_adapter``."""
     meta = {
+        LOSS_KEY: encode_losses(losses),
         "blora.algorithm": config.algorithm + (" (rsLoRA)" if config.rslora else ""),
         "blora.steps": str(steps_total), "blora.learning_rate": repr(config.learning_rate),
         "blora.seed": str(config.seed), "blora.resolution": str(config.resolution),
@@ -85,5 +89,5 @@ def write_trained(adapter: Adapter, target: SaveTarget, filename: str, metadata:
 
 
 def save_dtype(config: TrainConfig) -> torch.dtype:
-    """float32 when training in fp32, else float16 (finer than bf16 for LoRA-sized values, read everywhere)."""
-    return torch.float32 if config.training_dtype == "fp32" else torch.float16
+    """The dtype of the written tensors: ``config.save_precision``."""
+    return SAVE_PRECISIONS[config.save_precision]

@@ -20,7 +20,7 @@ def loader(pack):
 def test_outputs_adapter_trigger_summary_and_block_map(loader, host_dirs):
     sd = make_state_dict("diffusers", blora_shapes(TINY_ATTN_SHAPES), rank=4, seed=0)
     write_lora(host_dirs / "models" / "blora", "subject.safetensors", sd, {"ss_instance_prompt": "A [v]"})
-    (adapter, trigger, summary), ui = run_node(loader, lora_name="subject.safetensors")
+    (adapter, trigger, summary, _losses), ui = run_node(loader, lora_name="subject.safetensors")
     assert adapter.roles() == ["content", "style"]
     assert len(adapter.modules) == len(blora_shapes(TINY_ATTN_SHAPES))
     assert adapter.source.endswith("subject.safetensors")
@@ -39,7 +39,7 @@ def test_outputs_adapter_trigger_summary_and_block_map(loader, host_dirs):
 def test_trigger_is_empty_without_metadata_and_alpha_is_reported(loader, host_dirs):
     sd = make_state_dict("kohya", blora_shapes(TINY_ATTN_SHAPES, blocks=("input_blocks.8.1",)), 4, 1, alpha=2.0)
     write_lora(host_dirs / "models" / "loras", "layout.safetensors", sd)
-    (adapter, trigger, summary), ui = run_node(loader, lora_name="layout.safetensors")
+    (adapter, trigger, summary, _losses), ui = run_node(loader, lora_name="layout.safetensors")
     assert trigger == ""
     assert ui["blora"][0]["alpha"] == [2.0] and ui["blora"][0]["blocks"] == ["IN08"]
     assert "layout" in summary and adapter.roles() == ["layout"]
@@ -47,7 +47,7 @@ def test_trigger_is_empty_without_metadata_and_alpha_is_reported(loader, host_di
 
 def test_outputs_match_the_schema(loader):
     schema = loader.GET_SCHEMA()
-    assert [o.io_type for o in schema.outputs] == ["BLORA", "STRING", "STRING"]
+    assert [o.io_type for o in schema.outputs] == ["BLORA", "STRING", "STRING", "LOSS_MAP"]
     assert [i.id for i in schema.inputs] == ["lora_name"]
     assert loader.GET_NODE_INFO_V1()["category"] == "B-LoRA"
     assert loader.GET_NODE_INFO_V1()["display_name"] == "Load B-LoRA"
@@ -62,7 +62,7 @@ def test_lists_files_from_both_blora_and_loras_folders(loader, host_dirs):
     options = loader.GET_NODE_INFO_V1()["input"]["required"]["lora_name"][1]["options"]
     assert options == ["in_blora.safetensors", "in_loras.safetensors"]
     for name in options:
-        (adapter, _, _), _ = run_node(loader, lora_name=name)
+        (adapter, _, _, _), _ = run_node(loader, lora_name=name)
         assert adapter.roles() == ["content", "style"]
 
 
@@ -74,7 +74,7 @@ def test_fingerprint_follows_file_changes(loader, host_dirs):
     write_lora(path.parent, path.name, make_state_dict("kohya", blora_shapes(TINY_ATTN_SHAPES), 8, 0))
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert fingerprint(loader, lora_name="x.safetensors") != first
-    (adapter, _, _), _ = run_node(loader, lora_name="x.safetensors")
+    (adapter, _, _, _), _ = run_node(loader, lora_name="x.safetensors")
     assert {m.rank for m in adapter.modules.values()} == {8}
 
 

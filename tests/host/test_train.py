@@ -24,13 +24,13 @@ from blora.trainable import TrainableLoRA
 INPUTS = ["model", "vae", "images", "positive", "blocks", "layer_filter", "rank", "alpha", "algorithm", "rslora",
           "learning_rate", "loraplus_ratio", "optimizer", "weight_decay", "steps", "batch_size",
           "grad_accumulation", "resolution", "flip", "seed", "training_dtype", "gradient_checkpointing",
-          "save_every", "filename_prefix", "resume_from"]
+          "save_every", "filename_prefix", "resume_from", "init", "save_precision"]
 TARGET_KEY = re.compile(r"^diffusion_model\.output_blocks\.[01]\.1\.transformer_blocks\.\d+\.attn[12]\."
                         r"(to_q|to_k|to_v|to_out\.0)\.weight$")
 FAST = dict(blocks="content+style", layer_filter="", rank=4, alpha=4.0, algorithm="LoRA", rslora=False,
             learning_rate=1e-2, loraplus_ratio=1.0, optimizer="AdamW", weight_decay=1e-4, steps=3, batch_size=1,
             grad_accumulation=1, resolution=64, flip=False, seed=0, training_dtype="fp32",
-            gradient_checkpointing=True, save_every=0, filename_prefix="t/blora")
+            gradient_checkpointing=True, save_every=0, filename_prefix="t/blora", save_precision="fp32")
 
 
 @pytest.fixture(autouse=True)
@@ -64,11 +64,13 @@ def image(h=64, w=64, seed=0):
 
 
 def train(node, model, vae, images=None, positive=None, node_id="5", **settings):
-    """(MODEL, BLORA, ui) from the node run as the executor runs it (inference mode)."""
+    """(MODEL, BLORA, ui) from the node run as the executor runs it (inference mode); the LOSS_MAP output is
+    checked against the ui's losses here."""
     inputs = dict(FAST, **settings)
-    (out_model, blora), ui = run_node(node, hidden={"UNIQUE_ID": node_id}, model=model, vae=vae,
+    (out_model, blora, losses), ui = run_node(node, hidden={"UNIQUE_ID": node_id}, model=model, vae=vae,
                                       images=image() if images is None else images,
                                       positive=tiny_conditioning(0) if positive is None else positive, **inputs)
+    assert losses == {"loss": ui["loss"]}
     return out_model, blora, ui
 
 
@@ -100,7 +102,7 @@ def test_schema_is_the_public_interface(node):
     assert (schema.node_id, schema.display_name, schema.category) == ("BLoRATrain", "Train B-LoRA", "B-LoRA/train")
     assert [i.id for i in schema.inputs] == INPUTS
     assert all(i.tooltip for i in schema.inputs + schema.outputs) and schema.description
-    assert [o.io_type for o in schema.outputs] == ["MODEL", "BLORA"]
+    assert [o.io_type for o in schema.outputs] == ["MODEL", "BLORA", "LOSS_MAP"]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -351,3 +353,71 @@ def test_mixed_sizes_cannot_share_a_batch(model, vae, host_dirs):
         train_blora(model, vae, [image(64, 64), image(64, 128)], tiny_conditioning(0),
                     TrainConfig(rank=2, alpha=2.0, steps=1, resolution=64, batch_size=2))
     assert written(host_dirs) == []
+
+
+def plot_loss_graph(loss_map) -> "PIL.Image.Image":
+    """The image the host's own Plot Loss Graph node (LossGraphNode: V1 in 0.3.64, V3 in 0.33) draws."""
+    import folder_paths
+    from comfy_extras import nodes_train
+    from PIL import Image
+
+    graph = nodes_train.LossGraphNode
+    if hasattr(graph, "define_schema"):
+        _, ui = run_node(graph, loss=loss_map, filename_prefix="loss_graph")
+    else:
+        ui = graph().plot_loss(loss_map, "loss_graph")["ui"]
+    entry = ui["images"][0]
+    return Image.open(f"{folder_paths.get_temp_directory()}/{entry['subfolder']}/{entry['filename']}").convert("RGB")
+
+
+def blue_rows(img, x0, x1) -> list[int]:
+    """Rows of the plotted (pure blue) line between columns x0 and x1."""
+    px = img.load()
+    return [y for x in range(x0, x1) for y in range(img.height) if px[x, y] == (0, 0, 255)]
+
+
+def test_losses_go_to_the_loss_map_the_file_the_load_summary_and_plot_loss_graph(node, model, vae, host_dirs, pack):
+    from blora.loss_history import LOSS_KEY, losses_in
+
+    loader = importlib.import_module(pack.__name__ + ".nodes.load").BLoRALoader
+    _, _, ui = train(node, model, vae, steps=3, save_every=2)
+    first = ui["loss"]
+    folder = host_dirs / "output" / "loras" / "t"
+    checkpoint = read_adapter(folder / "blora_00001_step000002_.safetensors").metadata
+    assert losses_in(checkpoint) == pytest.approx(first[:2], rel=5e-4)
+    _, _, ui = train(node, model, vae, steps=2, seed=1, resume_from="t/blora_00001_.safetensors")
+    meta = read_adapter(folder / "blora_00002_.safetensors").metadata
+    history = losses_in(meta)
+    assert history == pytest.approx(first + ui["loss"], rel=5e-4) and len(meta[LOSS_KEY]) < 8 * 5 + 2
+    (_, _, summary, loss_map), _ = run_node(loader, lora_name="t/blora_00002_.safetensors")
+    assert loss_map == {"loss": history}
+    assert summary.endswith(f"trained 5 steps, final loss {statistics.mean(history):.4g} (mean of last 5)")
+
+    # The host's plot draws the curve: a falling loss starts high (small row index) and ends low.
+    falling = {"loss": [1.0, 0.8, 0.5, 0.4, 0.3, 0.2]}
+    img = plot_loss_graph(falling)
+    start, end = blue_rows(img, 41, 60), blue_rows(img, img.width - 200, img.width - 150)
+    assert start and end and max(start) < min(end)
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16),
+                                              ("fp32", torch.float32)])
+def test_save_precision_sets_the_file_dtype(node, model, vae, host_dirs, precision, dtype):
+    _, blora, _ = train(node, model, vae, steps=1, training_dtype="fp32", save_precision=precision)
+    saved = read_adapter(host_dirs / "output" / "loras" / "t" / "blora_00001_.safetensors")
+    assert {t.dtype for m in saved.modules.values() for t in m.tensors.values()} == {dtype}
+    assert saved.metadata["blora.train.save_precision"] == precision
+
+
+@pytest.mark.parametrize("init", ["gaussian", "kaiming_uniform"])
+def test_a_fresh_run_draws_down_as_init_says(node, model, vae, host_dirs, init):
+    """One SGD step at a negligible learning rate leaves the drawn down matrices as they were initialised."""
+    _, blora, _ = train(node, model, vae, steps=1, rank=4, optimizer="SGD", learning_rate=1e-7, weight_decay=0.0,
+                        init=init)
+    downs = [m.tensors["down"].float() for m in blora.modules.values()]
+    if init == "gaussian":
+        flat = torch.cat([d.flatten() for d in downs])
+        assert float(flat.std()) == pytest.approx(1 / 4, rel=0.05)
+        assert float(flat.abs().max()) > 2.5 / 4  # tails a uniform draw never has
+    else:
+        assert all(float(d.abs().max()) <= 1.0001 / d.shape[1] ** 0.5 for d in downs)
