@@ -83,6 +83,8 @@ class TrainConfig:
     grad_accumulation: int = 1
     resolution: int = 1024
     flip: bool = False
+    random_crop: bool = False
+    color_jitter: float = 0.0
     seed: int = 0
     init: str = "gaussian"
     training_dtype: str = "bf16"
@@ -102,7 +104,7 @@ class TrainConfig:
             _at_least("weight_decay", self.weight_decay, 0.0), _at_least("steps", self.steps, 1),
             _at_least("batch_size", self.batch_size, 1), _at_least("grad_accumulation", self.grad_accumulation, 1),
             _at_least("resolution", self.resolution, 64), _at_least("seed", self.seed, 0),
-            _choice("init", self.init, INITIALISATIONS),
+            _choice("init", self.init, INITIALISATIONS), _at_least("color_jitter", self.color_jitter, 0.0),
             _choice("training_dtype", self.training_dtype, TRAINING_DTYPES),
             _at_least("save_every", self.save_every, 0),
             _choice("save_precision", self.save_precision, SAVE_PRECISIONS),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..blora.errors import BLoRAError
 from ..blora.files import read_adapter
 from ..blora.loss_history import loss_map
 from ..blora.host.train import train_blora
@@ -10,6 +11,7 @@ from ..blora.host.output_files import register_output_loras
 from ..blora.trainable import INITIALISATIONS
 from ..blora.training import ALGORITHMS, BLOCK_PRESETS, OPTIMIZERS, SAVE_PRECISIONS, TRAINING_DTYPES, TrainConfig
 from .folders import adapter_files, adapter_path
+from .dataset import TrainingSetType
 from .types import BLoRA
 
 NO_RESUME = "none"
@@ -20,9 +22,12 @@ def _inputs() -> list:
     return [
         io.Model.Input("model", tooltip="SDXL model to train on; it is never modified (the output is a clone)."),
         io.Vae.Input("vae", tooltip="VAE that encodes the training images (once, before the first step)."),
-        io.Image.Input("images", tooltip="Training image(s). One image is the B-LoRA default; several are allowed."),
-        io.Conditioning.Input("positive", tooltip="Prompt, e.g. 'A [v]' with a rare token: one conditioning for "
-                                                  "all images, or one per image."),
+        io.Image.Input("images", optional=True,
+                       tooltip="Training image(s). One image is the B-LoRA default; several are allowed. Not needed "
+                               "with a training_set."),
+        io.Conditioning.Input("positive", optional=True,
+                              tooltip="Prompt, e.g. 'A [v]' with a rare token: one conditioning for all images, or "
+                                      "one per image. Not needed with a training_set."),
         io.Combo.Input("blocks", options=list(BLOCK_PRESETS), default=d.blocks,
                        tooltip="Attention blocks that get adapters: content output_blocks.0.1, style "
                                "output_blocks.1.1, layout input_blocks.8.1; custom: those layer_filter selects."),
@@ -71,6 +76,15 @@ def _inputs() -> list:
                        tooltip="How a fresh run draws the down matrices (up starts at zero): gaussian, std 1/rank, "
                                "as the original B-LoRA training (diffusers, PEFT init 'gaussian'); kaiming_uniform, "
                                "uniform in +-1/sqrt(in features), PEFT's default."),
+        TrainingSetType.Input("training_set", optional=True,
+                              tooltip="Images with a caption each (Load B-LoRA Training Folder, B-LoRA Training "
+                                      "Set), used instead of images and positive. Mixed sizes are bucketed."),
+        io.Boolean.Input("random_crop", default=d.random_crop, optional=True,
+                         tooltip="Augmentation: train on random windows (at least 64% of the area, aspect kept) "
+                                 "instead of whole images; 4 views per image are encoded before training."),
+        io.Float.Input("color_jitter", default=d.color_jitter, min=0.0, max=0.5, step=0.01, optional=True,
+                       tooltip="Augmentation: random brightness, contrast, saturation (up to +-this) and hue "
+                               "changes; 0 = off. 4 views per image are encoded before training."),
         io.Combo.Input("save_precision", options=list(SAVE_PRECISIONS), default=d.save_precision, optional=True,
                        tooltip="Precision of the saved file: fp16 (half the size of fp32, read everywhere), bf16, "
                                "or fp32 (exactly the trained weights)."),
@@ -83,9 +97,9 @@ class BLoRATrain(io.ComfyNode):
         register_output_loras()  # trained files (output/loras) are listed for resume_from and stock LoraLoader
         return io.Schema(
             node_id="BLoRATrain", display_name="Train B-LoRA", category="B-LoRA/train",
-            description="Train a B-LoRA from one image: LoRA adapters on the attention layers of the content and "
-                        "style blocks (the paper's recipe by default), saved to output/loras/ in the kohya "
-                        "format. Returns the model with the trained B-LoRA applied, and the B-LoRA.",
+            description="Train a B-LoRA from one image (or a training set of captioned images): LoRA adapters on the "
+                        "attention layers of the content and style blocks (the paper's recipe by default), saved "
+                        "to output/loras/ in the kohya format. Returns the model with the trained B-LoRA applied, and the B-LoRA.",
             inputs=_inputs(),
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The input model with the trained B-LoRA at "
                                                                    "strength 1."),
@@ -98,9 +112,13 @@ class BLoRATrain(io.ComfyNode):
             is_output_node=True)
 
     @classmethod
-    def execute(cls, model, vae, images, positive, filename_prefix: str, resume_from: str | None = None,
-                **settings) -> io.NodeOutput:
+    def execute(cls, model, vae, filename_prefix: str, images=None, positive=None, resume_from: str | None = None,
+                training_set=None, **settings) -> io.NodeOutput:
         config = TrainConfig(**settings)
+        if training_set is not None:
+            images, positive = training_set.images, training_set.conditioning
+        if images is None or positive is None:
+            raise BLoRAError("connect a training_set, or images and positive")
         resume = None if resume_from in (None, "", NO_RESUME) else read_adapter(adapter_path(resume_from))
         out = train_blora(model, vae, images, positive, config, filename_prefix=filename_prefix, resume=resume,
                           node_id=cls.hidden.unique_id)

@@ -22,7 +22,7 @@ from ..kinds.lora import LoRA, TrainableLoRA
 from ..loss_history import losses_in
 from ..training import TrainConfig, make_optimizer, select_targets
 from .patch import model_weight_shapes, patched_clone, require_sdxl
-from .train_inputs import ModelSchedule, check_batchable, model_schedule, prepare_samples
+from .train_inputs import ModelSchedule, model_schedule, prepare_samples
 from .train_loop import TrainState, run_loop
 from .output_files import check_prefix, save_target
 from .train_save import base_model_fingerprint, save_dtype, steps_in, train_metadata, write_trained
@@ -114,8 +114,9 @@ def train_blora(model, vae, images, positive, config: TrainConfig, filename_pref
     if resume is not None:
         _check_resume(resume, targets, config, model_weight_shapes(model))
     check_prefix(filename_prefix)
-    samples = prepare_samples(model, vae, images, positive, config.resolution, config.flip)
-    check_batchable(samples, config.batch_size)
+    samples = prepare_samples(model, vae, images, positive, config.resolution, config.flip,
+                              batch_size=config.batch_size, random_crop=config.random_crop,
+                              color_jitter=config.color_jitter, seed=config.seed)
     target = save_target(filename_prefix)
     steps_before = steps_in(resume.metadata) if resume is not None else 0
     losses_before = losses_in(resume.metadata) if resume is not None else []

@@ -1,6 +1,7 @@
-"""What the loop trains on, made once before it starts: latents (VAE-encoded once, flipped copies when flip
-augmentation is on), per-image cross-attention context and SDXL vector conditioning (pooled text + size
-conditioning from the training image size), and the model's schedule and prediction type."""
+"""What the loop trains on, made once before it starts: latents of each training view (``train_dataset``: one per
+image, or several augmented views; VAE-encoded once, flipped copies when flip augmentation is on), per-image
+cross-attention context and SDXL vector conditioning (pooled text + size conditioning: original size, crop corner,
+training size), and the model's schedule and prediction type."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ import comfy.model_sampling
 import torch
 
 from ..errors import ArchitectureError, BLoRAError
-from ..train_images import original_sizes, prepare_images
+from ..train_dataset import bucket_groups, training_views
 from ..training import PREDICTION_TARGETS
 
 # Checked in order (subclasses first): the model_sampling mixin decides what the model predicts.
@@ -92,11 +93,12 @@ def _conditioning_rows(positive, count: int) -> list[tuple[torch.Tensor, dict]]:
     return rows
 
 
-def _model_conds(base_model, context, extras, original, target, device, latent) -> tuple[torch.Tensor, torch.Tensor]:
+def _model_conds(base_model, context, extras, original, target, device, latent,
+                 crop_top_left=(0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
     """context and y through the model's own extra_conds (SDXL: pooled + original/crop/target size)."""
-    (oh, ow), (th, tw) = original, target
-    params = dict(extras, cross_attn=context, device=device, noise=latent, width=ow, height=oh, crop_w=0,
-                  crop_h=0, target_width=tw, target_height=th)
+    (oh, ow), (th, tw), (top, left) = original, target, crop_top_left
+    params = dict(extras, cross_attn=context, device=device, noise=latent, width=ow, height=oh, crop_w=left,
+                  crop_h=top, target_width=tw, target_height=th)
     out = base_model.extra_conds(**params)
     if "y" not in out:
         raise ArchitectureError(f"{type(base_model).__name__} takes no vector conditioning: not an SDXL model")
@@ -109,19 +111,23 @@ def _encode(vae, image: torch.Tensor) -> torch.Tensor:
         return vae.encode(image.unsqueeze(0)).float()
 
 
-def prepare_samples(model, vae, images, positive, resolution: int, flip: bool) -> list[Sample]:
-    """Resize, encode (once) and condition each image. Everything returned is an ordinary tensor (made outside
-    inference mode) on the model's load device, in float32."""
-    prepared = prepare_images(images, resolution, multiple=int(getattr(vae, "downscale_ratio", 8)))
-    sizes = original_sizes(images)
-    rows = _conditioning_rows(positive, len(prepared))
+def prepare_samples(model, vae, images, positive, resolution: int, flip: bool, *, batch_size: int = 1,
+                    random_crop: bool = False, color_jitter: float = 0.0, seed: int = 0) -> list[Sample]:
+    """Resize (and augment), encode (once) and condition each training view (``train_dataset.training_views``).
+    Everything returned is an ordinary tensor (made outside inference mode) on the model's load device, in
+    float32."""
+    views = training_views(images, resolution, batch_size=batch_size, random_crop=random_crop,
+                           color_jitter_strength=color_jitter, seed=seed)
+    rows = _conditioning_rows(positive, 1 + max(v.index for v in views))
     base, device = model.model, model.load_device
     samples = []
-    for image, size, (context, extras) in zip(prepared, sizes, rows):
+    for view in views:
+        context, extras = rows[view.index]
+        image = view.image
         latent = _encode(vae, image)
         flipped = _encode(vae, torch.flip(image, dims=[1])) if flip else None
         target = (int(image.shape[0]), int(image.shape[1]))
-        ctx, y = _model_conds(base, context, extras, size, target, device, latent)
+        ctx, y = _model_conds(base, context, extras, view.original_size, target, device, latent, view.crop_top_left)
         x0 = base.process_latent_in(latent)
         x0_flipped = None if flipped is None else base.process_latent_in(flipped)
         samples.append(Sample(*(_owned(t, device) for t in (x0, x0_flipped, ctx, y))))
@@ -136,13 +142,11 @@ def _owned(t: torch.Tensor | None, device) -> torch.Tensor | None:
         return t.detach().to(device, torch.float32).clone()
 
 
-def check_batchable(samples: list[Sample], batch_size: int) -> None:
-    """A batch stacks latents, so with batch_size > 1 all images must share one training size."""
-    sizes = sorted({s.latent_size for s in samples})
-    if batch_size > 1 and len(sizes) > 1:
-        raise BLoRAError(f"images of different aspect ratios give latents of sizes {sizes}, which cannot share a "
-                         f"batch: set batch_size to 1 (each step then trains one image) or give images of one "
-                         f"aspect ratio")
+def buckets(samples: list[Sample], batch_size: int) -> list[list[int]]:
+    """Sample indices that may share a micro-batch: all of them at batch size 1, else those of one latent size."""
+    if batch_size == 1:
+        return [list(range(len(samples)))]
+    return bucket_groups([s.latent_size for s in samples])
 
 
 def batch_of(samples: list[Sample], indices: list[int], flips: list[bool]) -> tuple[torch.Tensor, ...]:

@@ -16,9 +16,10 @@ import torch
 
 from ..errors import BLoRAError
 from ..trainable import TrainableLoRA
-from ..training import (TrainConfig, diffusion_loss, sample_batch, sample_flips, sample_noise, sample_timesteps,
-                        step_generator, training_target)
-from .train_inputs import ModelSchedule, Sample, batch_of
+from ..train_dataset import sample_bucketed_batch
+from ..training import (TrainConfig, diffusion_loss, sample_flips, sample_noise, sample_timesteps, step_generator,
+                        training_target)
+from .train_inputs import ModelSchedule, Sample, batch_of, buckets
 
 PROGRESS_EVENT = "blora.train.progress"
 PREVIEW_INTERVAL_S = 1.0  # at most one preview image a second (decoding one costs a little)
@@ -49,7 +50,7 @@ def micro_loss(state: TrainState, draw: int) -> torch.Tensor:
     """Loss of one micro-batch; every random draw comes from (seed, draw)."""
     c, ms, sigmas = state.config, state.schedule.model_sampling, state.schedule.sigmas
     g = step_generator(c.seed, draw)
-    indices = sample_batch(len(state.samples), c.batch_size, g)
+    indices = sample_bucketed_batch(buckets(state.samples, c.batch_size), c.batch_size, g)
     flips = sample_flips(c.batch_size, c.flip, g)
     timesteps = sample_timesteps(c.batch_size, len(sigmas), g)
     x0, context, y = batch_of(state.samples, indices, flips)

@@ -345,14 +345,17 @@ def test_bad_input_is_refused_and_writes_nothing(node, model, vae, host_dirs, ca
     assert written(host_dirs) == []
 
 
-def test_mixed_sizes_cannot_share_a_batch(model, vae, host_dirs):
-    from blora.host.train import train_blora
-    from blora.training import TrainConfig
+def test_augmentations_encode_four_views_per_image_with_their_crop_in_the_size_conditioning(model, vae, host_dirs):
+    from blora.host.train_inputs import prepare_samples
 
-    with pytest.raises(BLoRAError, match="cannot share a batch"), torch.inference_mode():
-        train_blora(model, vae, [image(64, 64), image(64, 128)], tiny_conditioning(0),
-                    TrainConfig(rank=2, alpha=2.0, steps=1, resolution=64, batch_size=2))
-    assert written(host_dirs) == []
+    with torch.inference_mode():
+        plain = prepare_samples(model, vae, image(64, 96), tiny_conditioning(0), 64, False)
+        cropped = prepare_samples(model, vae, image(64, 96), tiny_conditioning(0), 64, False, random_crop=True,
+                                  color_jitter=0.2, seed=1)
+    assert len(plain) == 1 and len(cropped) == 4
+    assert all(s.latent_size == plain[0].latent_size for s in cropped)
+    assert len({tuple(s.y[0, -6 * 256:].tolist()) for s in cropped}) > 1  # crop corners differ per view
+    assert all(not torch.equal(s.x0, plain[0].x0) for s in cropped)
 
 
 def plot_loss_graph(loss_map) -> "PIL.Image.Image":
@@ -421,3 +424,37 @@ def test_a_fresh_run_draws_down_as_init_says(node, model, vae, host_dirs, init):
         assert float(flat.abs().max()) > 2.5 / 4  # tails a uniform draw never has
     else:
         assert all(float(d.abs().max()) <= 1.0001 / d.shape[1] ** 0.5 for d in downs)
+
+
+def test_a_training_set_of_mixed_sizes_trains_in_aspect_buckets(node, model, vae, host_dirs, pack):
+    """Images of three sizes and a caption each, through B-LoRA Training Set (as the host's list loaders feed
+    it): every micro-batch of 2 holds one bucket's size, and each image is trained with its own conditioning."""
+    training_set_node = importlib.import_module(pack.__name__ + ".nodes.dataset").BLoRATrainingSet
+    sizes = [(64, 96), (96, 64), (64, 100), (64, 64)]
+    images = [image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    conds = [tiny_conditioning(i) for i in range(len(sizes))]
+    (training_set, summary), _ = run_node(training_set_node, images=images, positive=conds)
+    assert summary == "4 images, 0 distinct captions, sizes 64x64, 96x64, 100x64, 64x96"
+    seen = []
+    unet = model.model.diffusion_model
+    hook = unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+        (tuple(args[0].shape), kwargs["context"][:, 0, 0].tolist())), with_kwargs=True)
+    try:
+        _, blora, ui = train(node, model, vae, images=None, positive=None, training_set=training_set, steps=6,
+                             batch_size=2)
+    finally:
+        hook.remove()
+    assert len(ui["loss"]) == 6 and all(math.isfinite(x) for x in ui["loss"])
+    buckets = {(1 * 64 // 8, 2 * 64 // 8), (2 * 64 // 8, 1 * 64 // 8), (8, 8)}  # 64x96 and 64x100 share 64x128
+    assert {shape[0] for shape, _ in seen} == {2} and {shape[2:] for shape, _ in seen} <= buckets
+    first_token = {round(float(c[0][0][0, 0, 0]), 5): size for c, size in zip(conds, sizes)}
+    for shape, tokens in seen:  # each row's context is its own image's, and its image is of that bucket
+        for t in tokens:
+            h, w = first_token[round(t, 5)]
+            assert shape[2:] == ((8, 8) if h == w else (8, 16) if h < w else (16, 8))
+
+
+def test_a_graph_needs_a_training_set_or_images_and_positive(node, model, vae, host_dirs):
+    with pytest.raises(BLoRAError, match="connect a training_set, or images and positive"):
+        run_node(node, hidden={"UNIQUE_ID": "5"}, model=model, vae=vae, **FAST)
+    assert written(host_dirs) == []

@@ -111,13 +111,27 @@ def _seed(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
 
 
-def _write_png(path, seed):
+def _write_png(path, seed, height=64, width=64):
     from PIL import Image
 
     gen = np.random.default_rng(seed)
-    ramp = np.linspace(0, 255, 64, dtype=np.float32)
-    pixels = np.stack([ramp[None, :].repeat(64, 0), ramp[:, None].repeat(64, 1), gen.uniform(0, 255, (64, 64))], -1)
+    x, y = np.linspace(0, 255, width, dtype=np.float32), np.linspace(0, 255, height, dtype=np.float32)
+    pixels = np.stack([x[None, :].repeat(height, 0), y[:, None].repeat(width, 1), gen.uniform(0, 255, (height, width))],
+                      -1)
     Image.fromarray(pixels.astype(np.uint8)).save(path)
+
+
+TRAINING_FOLDER = {"a.png": ((64, 64), "A [v] standing"), "b.jpg": ((64, 96), "A [v] lying down"),
+                   "c.webp": ((96, 64), None)}  # c has no caption file: it gets the node's default caption
+
+
+def _write_training_folder(folder, seed):
+    """Images of three sizes with .txt captions (one without), as users keep a training set."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (name, ((h, w), caption)) in enumerate(TRAINING_FOLDER.items()):
+        _write_png(folder / name, seed + i, h, w)
+        if caption is not None:
+            (folder / name).with_suffix(".txt").write_text(caption, encoding="utf-8")
 
 
 def prepare(server, name: str):
@@ -134,6 +148,9 @@ def prepare(server, name: str):
         elif kind == "LoadImage":
             _write_png(server.input_dir / f"{name}_{nid}.png", _seed(name, nid))
             inputs["image"] = f"{name}_{nid}.png"
+        elif kind == "BLoRATrainingFolder":
+            _write_training_folder(server.input_dir / f"{name}_{nid}", _seed(name, nid))
+            inputs["folder"] = f"{name}_{nid}"
         elif kind == "BLoRATrain":
             inputs.update({k: v for k, v in TRAIN_CHEAP.items() if k in inputs})
         elif kind == "BLoRABlockWeights":
@@ -220,3 +237,33 @@ def test_example(server, name):
             assert effect > 100 * LATENT_ATOL, f"{name} {key}: the B-LoRA changed the latent by only {effect}"
         else:
             assert np.array_equal(value, stock[key]), f"{name} {key}: image differs from the stock path"
+
+
+def test_a_captioned_folder_trains_in_buckets_and_its_loss_is_plotted_and_kept(server):
+    """train_from_folder with batches of 2 (the folder's 3 sizes fall into 3 buckets): the trained file records
+    every step's loss, Load B-LoRA's summary and loss_map give them back, and the host's Plot Loss Graph draws
+    both the live LOSS_MAP and the file's."""
+    from blora.files import read_adapter
+    from blora.loss_history import losses_in
+
+    graph, _ = prepare(server, "train_from_folder")
+    train_id = next(k for k, n in graph.items() if n["class_type"] == "BLoRATrain")
+    graph[train_id]["inputs"].update(steps=4, batch_size=2, filename_prefix="folder_test/blora")
+    pid, _ = server.run(graph, timeout=240)
+    files = sorted((server.output_dir / "loras" / "folder_test").glob("*.safetensors"))
+    assert len(files) == 1
+    history = losses_in(read_adapter(files[0]).metadata)
+    assert len(history) == 4 and all(x > 0 for x in history)
+    plot_id = next(k for k, n in graph.items() if n["class_type"] == "LossGraphNode")
+    plots = server.outputs_by_node(pid)[plot_id]
+    assert len(plots) == 1 and (read_image(plots[0]) == (0, 0, 255)).all(-1).sum() > 50  # the blue curve
+
+    replay = {
+        "1": {"class_type": "BLoRALoader", "inputs": {"lora_name": f"folder_test/{files[0].name}"}},
+        "2": {"class_type": "LossGraphNode", "inputs": {"loss": ["1", 3], "filename_prefix": "from_file"}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["1", 2]}},
+    }
+    pid, _ = server.run(replay, timeout=60)
+    outputs = server.history(pid)["outputs"]
+    assert len(server.outputs_by_node(pid)["2"]) == 1
+    assert "trained 4 steps, final loss" in "".join(str(t) for t in outputs["3"]["text"])
