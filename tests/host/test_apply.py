@@ -151,7 +151,7 @@ def test_output_axis_dora_scale_renders_as_lycoris_and_peft_do(nodes, host_dirs,
     write_lora(host_dirs / "models" / "loras", "lyco_dora.safetensors", sd)
     deltas = reference_deltas(shapes, rank=RANK, seed=5, alpha=ALPHA, kind=kind)
     base = base_weights(tiny_model)
-    (adapter, _, summary), _ = run_node(nodes.load.BLoRALoader, lora_name="lyco_dora.safetensors")
+    (adapter, _, summary, _), _ = run_node(nodes.load.BLoRALoader, lora_name="lyco_dora.safetensors")
     got = patched_weights(apply(nodes, tiny_model, content=adapter, style=adapter, c=1.0, s=0.5))
     for path in shapes:
         strength = 1.0 if in_block(path, CONTENT) else 0.5

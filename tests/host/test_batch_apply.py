@@ -27,7 +27,7 @@ def nodes(pack):
 
 
 def load(nodes, name):
-    (adapter, _trigger, _summary), _ui = run_node(nodes.load.BLoRALoader, lora_name=name)
+    (adapter, _trigger, _summary, _losses), _ui = run_node(nodes.load.BLoRALoader, lora_name=name)
     return adapter
 
 
