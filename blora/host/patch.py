@@ -19,8 +19,9 @@ from typing import Mapping, Sequence
 import comfy.lora
 import torch
 
-from ..adapter import Adapter, ModuleAdapter, check_fits, delta_weight
+from ..adapter import Adapter, ModuleAdapter, check_fits
 from ..blocks import ROLES
+from ..dora import dora_weight
 from ..errors import ArchitectureError, BLoRAError
 from ..keys import from_canonical
 from ..kinds.full import Full
@@ -110,13 +111,8 @@ def current_weight(key_patches: Mapping[str, list], path: str) -> torch.Tensor:
 def peft_dora_diff(module: ModuleAdapter, weight: torch.Tensor, dtype: torch.dtype) -> ModuleAdapter:
     """The full-rank diff D = m ⊙ (W + ΔW) / ‖W + ΔW‖_row − W of a PEFT DoRA module (PEFT's formula: norm of the
     adapted weight over all but the output axis, no eps; an all-zero row stays zero), as a ``full`` module of dtype."""
-    delta = delta_weight(module)
-    w = weight.to(delta.device, torch.float32)
-    adapted = w + delta
-    shape = (adapted.shape[0],) + (1,) * (adapted.ndim - 1)
-    norm = adapted.reshape(adapted.shape[0], -1).norm(dim=1).reshape(shape)
-    magnitude = module.dora_scale.to(delta.device, torch.float32).reshape(shape)
-    diff = adapted * (magnitude / norm.clamp_min(torch.finfo(torch.float32).tiny)) - w
+    w = weight.to(next(iter(module.tensors.values())).device, torch.float32)
+    diff = dora_weight(module, w) - w
     extra = {"diff_b": module.tensors["diff_b"]} if "diff_b" in module.tensors else {}
     return ModuleAdapter(Full.name, {"diff": diff.to(dtype), **extra})
 
