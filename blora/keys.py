@@ -89,7 +89,14 @@ def to_canonical(state_dict: Mapping[str, torch.Tensor], source: str = "",
     first_key: dict[str, str] = {}
     for module_name, parts in groups.items():
         target = resolve_module(module_name)
-        built = _build(parts, where, target, alpha_of) if target else None
+        try:
+            built = _build(parts, where, target, alpha_of) if target else None
+        except AdapterFileError:
+            raise
+        except (IndexError, ValueError, RuntimeError, TypeError) as e:  # shapes no kind's own check foresaw
+            key = next(iter(parts.values())).key
+            raise AdapterFileError(where, f"its tensors {[tuple(p.tensor.shape) for p in parts.values()]} do not "
+                                          f"form an adapter ({type(e).__name__}: {e})", key) from None
         if built is None:
             unmapped.extend(p.key for p in parts.values())
             continue

@@ -19,7 +19,8 @@ from blora.errors import AdapterFileError
 from blora.files import read_adapter
 from blora_testkit.dialects import TINY_ATTN_SHAPES, blora_shapes, make_state_dict, reference_deltas
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=int(os.environ.get("BLORA_HYPOTHESIS_EXAMPLES", 60)), deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 PAIR = blora_shapes(TINY_ATTN_SHAPES)
 SOME = dict(list(PAIR.items())[:3])  # three modules keep each example cheap
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int16,
