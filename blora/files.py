@@ -47,7 +47,7 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     is not safetensors (pickle checkpoints are refused, never loaded), a truncated file or a header that does not
     match the file size, NaN or Inf values, inconsistent shapes (rank mismatch), or no SDXL module at all."""
     path = Path(path)
-    metadata = _check_header(path)
+    metadata = _peft_folder_metadata(path, _check_header(path))
     try:
         with safe_open(str(path), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
@@ -57,6 +57,27 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         if not is_finite(tensor):
             raise AdapterFileError(path, "holds NaN or Inf values (a broken training run or a bad conversion)", key)
     return to_canonical(state, source=str(path), metadata=metadata)
+
+
+PEFT_FILE, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+PEFT_CONFIG_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora")
+
+
+def _peft_folder_metadata(path: Path, metadata: dict[str, str]) -> dict[str, str]:
+    """PEFT's ``save_pretrained`` writes ``adapter_model.safetensors`` without alpha and keeps lora_alpha, rsLoRA and
+    the rank/alpha patterns in ``adapter_config.json`` beside it: hand them to the key reader as diffusers'
+    ``lora_adapter_metadata`` (UNet component) when the file carries none. Other file names take no config."""
+    config_path = path.with_name(PEFT_CONFIG)
+    if path.name != PEFT_FILE or "lora_adapter_metadata" in metadata or not config_path.is_file():
+        return metadata
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        raise AdapterFileError(path, f"its PEFT config {config_path.name} beside it is not readable JSON") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(path, f"its PEFT config {config_path.name} beside it is not a JSON object")
+    peft = {f"unet.{k}": config[k] for k in PEFT_CONFIG_KEYS if config.get(k) is not None}
+    return {**metadata, "lora_adapter_metadata": json.dumps(peft)}
 
 
 def is_finite(tensor: torch.Tensor) -> bool:

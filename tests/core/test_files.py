@@ -296,3 +296,29 @@ def test_signatures_still_explain_what_is_not_safetensors(tmp_path):
         path = tmp_path / name
         path.write_bytes(data)
         _bad(path, what)
+
+
+def test_peft_folder_config_supplies_alpha_rslora_and_patterns(tmp_path):
+    """PEFT's save_pretrained keeps lora_alpha, use_rslora and the patterns in adapter_config.json beside
+    adapter_model.safetensors (the safetensors file holds no alpha): the reader takes them from there."""
+    import math
+    sd = {k.replace("unet.", "base_model.model.", 1): v for k, v in make_state_dict("peft", PAIR, 4, 0).items()}
+    folder = tmp_path / "peft_out"
+    folder.mkdir()
+    save_file(sd, str(folder / "adapter_model.safetensors"))
+    assert {m.scale for m in read_adapter(folder / "adapter_model.safetensors").modules.values()} == {1.0}
+    k_path = "up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k"
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": False, "alpha_pattern": {k_path: 2},
+        "rank_pattern": {}}))
+    adapter = read_adapter(folder / "adapter_model.safetensors")
+    assert adapter.modules["output_blocks.1.1.transformer_blocks.0.attn2.to_k"].scale == 0.5
+    assert adapter.modules["output_blocks.1.1.transformer_blocks.0.attn2.to_q"].scale == 2.0
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "use_rslora": True}))
+    assert {round(m.scale, 6) for m in read_adapter(folder / "adapter_model.safetensors").modules.values()} == {
+        round(8 / math.sqrt(4), 6)}
+    (folder / "adapter_config.json").write_text("{not json")
+    _bad(folder / "adapter_model.safetensors", "adapter_config.json")
+    other = tmp_path / "peft_out" / "renamed.safetensors"  # only PEFT's own file name takes the folder's config
+    save_file(sd, str(other))
+    assert {m.scale for m in read_adapter(other).modules.values()} == {1.0}
