@@ -130,3 +130,65 @@ def test_non_safetensors_extension_is_not_offered(server, setup):
         assert err and ckpt.name in err["exception_message"], msgs
         assert re.search(r"pickle|not safetensors", err["exception_message"]), err["exception_message"]
     assert _sha(ckpt) == before
+
+
+def _hostile_batch(folder, pairs, seed: int = 11) -> dict:
+    """File name -> whether it is a valid adapter: a valid file whose header length ends in 0x80 (pickle's opcode),
+    truncations at random cuts, random bytes flipped (header or data), random bytes with and without a plausible
+    header length, and a deeply nested JSON header. Seeded, so a failure names a file that can be made again."""
+    import random
+    import struct
+
+    rng = random.Random(seed)
+    good = write_kohya(folder / "batch_good.safetensors", pairs).read_bytes()
+    files = {}
+    for pad in range(300):  # the valid one: pad the metadata until the header length's low byte is 0x80
+        data = write_kohya(folder / "batch_x80.safetensors", pairs, metadata={"pad": "p" * pad}).read_bytes()
+        if data[0] == 0x80:
+            files["batch_x80.safetensors"] = True
+            break
+    (folder / "batch_good.safetensors").unlink()
+    for i in range(3):
+        cut = rng.randrange(1, len(good))
+        (folder / f"batch_cut{i}.safetensors").write_bytes(good[:cut])
+        files[f"batch_cut{i}.safetensors"] = False
+    for i in range(3):
+        raw = bytearray(good)
+        (n,) = struct.unpack("<Q", raw[:8])
+        for _ in range(4):
+            where = rng.randrange(0, n + 8) if i < 2 else rng.randrange(0, len(raw))
+            raw[where] = rng.randrange(256)
+        (folder / f"batch_flip{i}.safetensors").write_bytes(bytes(raw))
+        files[f"batch_flip{i}.safetensors"] = None  # a flip in the data may still leave a valid adapter
+    (folder / "batch_noise.safetensors").write_bytes(rng.randbytes(3000))
+    (folder / "batch_framed_noise.safetensors").write_bytes(struct.pack("<Q", 200) + rng.randbytes(400))
+    deep = b"[" * 50000 + b"]" * 50000
+    (folder / "batch_deep.safetensors").write_bytes(struct.pack("<Q", len(deep)) + deep)
+    files.update({"batch_noise.safetensors": False, "batch_framed_noise.safetensors": False,
+                  "batch_deep.safetensors": False})
+    return files
+
+
+def test_a_batch_of_hostile_files_leaves_the_server_answering_and_the_model_unchanged(server, setup):
+    """All queued at once: each prompt ends in success (a valid file) or an execution_error from the pack's
+    nodes naming the file; afterwards the server answers and the base model samples bit-identically."""
+    files = _hostile_batch(server.models_dir / "loras", setup["pairs"])
+    assert "batch_x80.safetensors" in files
+    queued = {name: server.queue(apply_graph(server, name, seed=3, prefix=name[:-12])) for name in files}
+    for name, prompt_id in queued.items():
+        msgs = server.wait(prompt_id, timeout=120)
+        err = execution_error(msgs)
+        if files[name] is True:
+            assert err is None, f"{name}: {err and err['exception_message']}"
+        elif files[name] is False:
+            assert err is not None, f"{name}: was not refused"
+        if err is not None:
+            assert err["node_type"] in ("BLoRALoader", "BLoRAApply"), (name, err["node_type"])
+            assert name in err["exception_message"] and "Traceback" not in err["exception_message"], err
+            assert err["exception_type"].endswith(("AdapterFileError", "BLoRAError", "ArchitectureError")), err
+    status, _ = server.request("GET", "/object_info/BLoRALoader")
+    assert status == 200
+    pid, _ = server.run(stock_graph(server.ckpt_name, positive=PROMPT + " " * 40, prefix="after_batch"), timeout=120)
+    after = read_latent(next(f for f in server.output_files(pid) if f.suffix == ".latent"))
+    assert torch.equal(after, setup["reference"]), "base model output changed after the batch"
+    assert _sha(setup["ckpt"]) == setup["ckpt_sha"]
