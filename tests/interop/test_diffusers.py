@@ -19,13 +19,14 @@ RANK = 4
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-def _trained(alpha: float, seed: int):
+def _trained(alpha: float, seed: int, dora: bool = False):
     """A tiny UNet with a PEFT LoRA added the way diffusers' training scripts add it, filled with seeded noise."""
     from peft import LoraConfig
 
     unet = tiny_unet(seed=0)
     base = snapshot(unet)
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(TARGETS)))
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(TARGETS),
+                                use_dora=dora))
     randomize_(unet, seed)
     return unet, base
 
@@ -98,3 +99,14 @@ def test_pack_writes_load_back_in_diffusers(tmp_path, target, form, alpha):
     written = write_adapter(adapter, tmp_path / "out", f"to_{target}", dialect=target)
     loaded, base2 = _load_in_diffusers(written)
     assert_same_deltas(_forward(loaded, base2), pack_deltas(adapter, base), what=f"{form} -> {target} -> diffusers")
+
+
+def test_dora_from_diffusers_reads_and_loads_back_exactly(tmp_path):
+    """A DoRA LoRA saved by diffusers (PEFT magnitudes): read with PEFT's rendering, written as peft, loaded back by
+    diffusers (which takes use_dora from the lora_magnitude_vector keys): same weights."""
+    unet, base = _trained(8.0, seed=4, dora=True)
+    adapter = read_adapter(_save(unet, tmp_path, "metadata"))
+    assert {m.dora_norm for m in adapter.modules.values()} == {"adapted"}
+    assert_same_deltas(pack_deltas(adapter, base), _forward(unet, base), what="dora", base=base)
+    loaded, base2 = _load_in_diffusers(write_adapter(adapter, tmp_path / "out", "to_peft", dialect="peft"))
+    assert_same_deltas(_forward(loaded, base2), pack_deltas(adapter, base), what="dora -> peft -> diffusers", base=base)
