@@ -263,6 +263,7 @@ def sample_image(path: Path, seed: int, size: int = 96) -> Path:
     import numpy as np
     from PIL import Image, ImageDraw
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     top, bottom, sun, hill = (tuple(int(c) for c in rng.integers(40, 230, 3)) for _ in range(4))
     ramp = np.linspace(0.0, 1.0, size)[:, None, None]
@@ -279,13 +280,16 @@ def sample_image(path: Path, seed: int, size: int = 96) -> Path:
 
 
 def input_images(workflows: list[Path]) -> list[str]:
-    """Image names the workflows' LoadImage nodes point at."""
+    """Image names the workflows' LoadImage nodes point at, and an image in each training folder that a Load
+    B-LoRA Training Folder node points at (``<folder>/sample.png``)."""
     names = set()
     for path in workflows:
         for node in read_workflow(path).get("nodes", []):
             values = node.get("widgets_values")
             if node.get("type") == "LoadImage" and isinstance(values, list) and values:
                 names.add(str(values[0]))
+            elif node.get("type") == "BLoRATrainingFolder" and isinstance(values, list) and values:
+                names.add(f"{values[0]}/sample.png")
     return sorted(names)
 
 
