@@ -38,6 +38,7 @@ from ..errors import ArchitectureError
 from ..fusion import FusionPlan, layer_stats, plan_from_stats, time_scale
 from ..schedule import Schedule, is_constant, sampling_progress, strength_at
 from ..weights import role_parts
+from .dynamic_vram import keep_weight_functions
 from .patch import patched_clone
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def _attach(model, tracker: ProgressTracker, functions: Mapping[str, ScaledDelta
                                 lambda patcher, unpatch_all: [f.move_to(offload) for f in functions.values()])
     for path, fn in functions.items():
         model.add_weight_wrapper(_weight_key(path), fn)
-    return model
+    return keep_weight_functions(model)
 
 
 def scheduled_clone(model, roles: Mapping[str, tuple[Adapter | None, Schedule]]):

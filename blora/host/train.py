@@ -21,6 +21,7 @@ from ..errors import BLoRAError
 from ..kinds.lora import LoRA, TrainableLoRA
 from ..loss_history import losses_in
 from ..training import TrainConfig, make_optimizer, select_targets
+from .dynamic_vram import is_dynamic, restream_weights, training_flag
 from .patch import model_weight_shapes, patched_clone, require_sdxl
 from .train_inputs import ModelSchedule, model_schedule, prepare_samples
 from .train_loop import TrainState, run_loop
@@ -90,6 +91,8 @@ def _fit(model, adapters, samples, schedule: ModelSchedule, config: TrainConfig,
     comfy.model_management.load_models_gpu([clone], memory_required=LOAD_ALL_MEMORY, force_full_load=True)
     base = clone.model
     unet = base.diffusion_model
+    if is_dynamic(clone):  # VRAM copies streamed during an earlier sampling run are inference tensors
+        restream_weights(unet)
     state = TrainState(config, unet, schedule, samples, adapters, make_optimizer(adapters, config),
                        torch.amp.GradScaler(clone.load_device.type, enabled=config.training_dtype == "fp16"),
                        dict(clone.model_options.get("transformer_options", {})),
@@ -97,7 +100,7 @@ def _fit(model, adapters, samples, schedule: ModelSchedule, config: TrainConfig,
                        latent_format=base.latent_format)
     try:
         with frozen_aliases(unet), checkpointed(grad_region(unet, list(adapters)), config.gradient_checkpointing), \
-                torch.enable_grad():
+                torch.enable_grad(), training_flag():
             return run_loop(state, node_id, on_checkpoint)
     finally:
         strip_wrappers(unet, adapters)

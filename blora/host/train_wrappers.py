@@ -19,6 +19,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..trainable import TrainableLoRA
+from .dynamic_vram import keep_weight_functions
 
 UNET_PREFIX = "diffusion_model."
 
@@ -36,14 +37,19 @@ def trainable_clone(model, adapters: Mapping[str, TrainableLoRA], compute_dtype:
         clone.set_model_compute_dtype(compute_dtype)
     for path, adapter in adapters.items():
         clone.add_weight_wrapper(weight_key(path), adapter)
-    return clone
+    return keep_weight_functions(clone)
 
 
-def _alias(t: torch.Tensor) -> torch.Tensor:
-    """An ordinary tensor sharing ``t``'s storage (no copy), outside any autograd graph."""
+def _alias(t: torch.Tensor) -> torch.nn.Parameter:
+    """A frozen Parameter over an ordinary tensor sharing ``t``'s storage (no copy), outside any autograd graph,
+    carrying the attributes the host set on ``t`` (0.33's dynamic loader tags weights with ``_model_dtype``, the
+    dtype its VRAM copy is cast to; without the tag a cast would size the copy by the stored dtype)."""
     with torch.inference_mode(False):
-        return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(),
-                                                                    t.size(), t.stride())
+        alias = torch.nn.Parameter(torch.empty(0, dtype=t.dtype, device=t.device).set_(
+            t.untyped_storage(), t.storage_offset(), t.size(), t.stride()), requires_grad=False)
+    for name, value in vars(t).items():
+        setattr(alias, name, value)
+    return alias
 
 
 @contextlib.contextmanager
@@ -56,7 +62,7 @@ def frozen_aliases(module: torch.nn.Module) -> Iterator[None]:
                 if p is None:
                     continue
                 originals.append((owner, name, p))
-                owner._parameters[name] = torch.nn.Parameter(_alias(p), requires_grad=False)
+                owner._parameters[name] = _alias(p)
         yield
     finally:
         for owner, name, p in originals:
