@@ -34,7 +34,10 @@ TINY_BLOCKS = ["output_blocks.0.1", "output_blocks.1.1", "output_blocks.4.1"]  #
 FULL_BLOCKS = ["output_blocks.0.1", "output_blocks.1.1"]
 TRAIN_FILTER = r"^output_blocks\.(0|1|4)\.1\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
 SCHEDULE = "0:0, 0.5:1.5, 1:0.5"
-AGREE_REL = 1e-3  # the paths agree when max |dynamic - static| <= AGREE_REL * effect (+ a small absolute floor)
+# The paths agree when max |dynamic - static| <= AGREE_REL[model] * max(effect, max |static|) + AGREE_ABS: fp32 on the
+# tiny model; fp16/bf16 on the full UNet, where rounding differs between the loaders' cast paths. A skipped weight
+# function or patch shows up as a difference of the size of the effect itself.
+AGREE_REL = {"tiny": 1e-3, "full": 5e-2}
 AGREE_ABS = 1e-5
 
 
@@ -243,6 +246,9 @@ def run_model(kind: str, patcher, context_dim: int, size: int, tensors: dict, re
 
 
 def worker(ns) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # the host's load logs
     info = boot(ns.worker, ns.device)
     import torch
     from safetensors.torch import save_file
@@ -305,7 +311,7 @@ def compare(static: tuple, dynamic: tuple) -> tuple[list[str], bool]:
                 continue
             effect = 0.0 if stage == "plain" else float((dt[key] - dt[f"{kind}.plain"]).abs().max())
             diff = float((dt[key] - st[key]).abs().max())
-            agree = diff <= AGREE_REL * max(effect, float(st[key].abs().max())) + AGREE_ABS
+            agree = diff <= AGREE_REL[kind] * max(effect, float(st[key].abs().max())) + AGREE_ABS
             applied = stage == "plain" or effect > 1e-4
             verdict = "same" if agree and applied else ("DIFFERENT" if not agree else "NO EFFECT")
             ok &= agree and applied
