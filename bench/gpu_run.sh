@@ -3,6 +3,10 @@
 # tarball, the host packages that machine lacks from a carried site folder, then bench/gpu_check.py and every
 # other bench/*.py that runs on CUDA (capped in time). Everything it writes goes to $OUT.
 #   bash bench/gpu_run.sh [CARRY]     CARRY (default .gpu) holds comfyui-0.33.0.tar.gz and site.tar.gz
+# comfyui-0.33.0.tar.gz: ../shared/hosts' source minus what an in-process run never imports (tests, tests-unit,
+# comfy_api_nodes, blueprints), to fit the device tool's 64 MiB; site.tar.gz: the unpacked cp312 wheels of
+# comfy-aimdo 0.4.13, comfy-kitchen 0.2.31 (without its ROCm backend library, loaded only on HIP builds of torch),
+# torchsde, trampoline, kornia 0.9.0 and kornia_rs 0.2.0 (the image's Python 3.12 lacks them).
 # Environment: PYTHON (default python3), GPU_CHECK_ARGS (default --full), SITE=none to use the installed packages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
