@@ -258,17 +258,22 @@ def worker(ns) -> int:
     workdir = Path(ns.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+
+    def save() -> None:  # after each model, so a later timeout keeps what finished
+        results["seconds"] = round(time.perf_counter() - t0, 1)
+        if torch.cuda.is_available():
+            results["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(workdir / f"{ns.worker}.safetensors"))
+        (workdir / f"{ns.worker}.json").write_text(json.dumps(results, indent=1))
+
     run_model("tiny", tiny_patcher(), 64, 8, tensors, results, workdir, diagnostics=True)
+    save()
     if ns.full:
         try:
             run_model("full", full_patcher(), 2048, 64, tensors, results, workdir, diagnostics=False)
         except Exception as e:
             results["full.error"] = f"{type(e).__name__}: {e}"
-    results["seconds"] = round(time.perf_counter() - t0, 1)
-    if torch.cuda.is_available():
-        results["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(workdir / f"{ns.worker}.safetensors"))
-    (workdir / f"{ns.worker}.json").write_text(json.dumps(results, indent=1))
+        save()
     return 0
 
 
@@ -278,8 +283,12 @@ def run_worker(mode: str, ns, workdir: Path) -> tuple[dict, dict, str]:
            "--device", ns.device] + (["--full"] if ns.full else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=ns.timeout)
-    log = proc.stdout + proc.stderr
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=ns.timeout)
+        log, ended = proc.stdout + proc.stderr, f"exited {proc.returncode}"
+    except subprocess.TimeoutExpired as e:
+        out = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)]
+        log, ended = "".join(out), f"timed out after {ns.timeout:.0f}s (results of the models it finished kept)"
     (workdir / f"{mode}.log").write_text(log)
     info, tensors = {}, {}
     if (workdir / f"{mode}.json").is_file():
@@ -287,8 +296,10 @@ def run_worker(mode: str, ns, workdir: Path) -> tuple[dict, dict, str]:
         from safetensors.torch import load_file
 
         tensors = load_file(str(workdir / f"{mode}.safetensors"))
+        if not ended.startswith("exited 0"):
+            info["worker"] = ended
     else:
-        info = {"mode": mode, "error": f"worker exited {proc.returncode} after {time.perf_counter() - t0:.0f}s"}
+        info = {"mode": mode, "error": f"worker {ended} after {time.perf_counter() - t0:.0f}s"}
     return info, tensors, log
 
 
@@ -351,10 +362,7 @@ def main(argv=None) -> int:
     runs = {}
     for mode in ("static", "dynamic"):
         print(f"running {mode} ...", file=sys.stderr, flush=True)
-        try:
-            runs[mode] = run_worker(mode, ns, workdir)
-        except subprocess.TimeoutExpired:
-            runs[mode] = ({"mode": mode, "error": f"timed out after {ns.timeout:.0f}s"}, {}, "")
+        runs[mode] = run_worker(mode, ns, workdir)
     si, di = runs["static"][0], runs["dynamic"][0]
     head = [f"bench/gpu_check.py  {time.strftime('%Y-%m-%d %H:%M')}  ComfyUI {di.get('comfyui', si.get('comfyui', '?'))}  "
             f"torch {di.get('torch', '?')}  {di.get('device_name', '?')}",
@@ -363,6 +371,9 @@ def main(argv=None) -> int:
             f"dynamic: dynamic VRAM {di.get('dynamic_enabled')}"
             f"{' (' + di['dynamic_unavailable'] + ')' if di.get('dynamic_unavailable') else ''}, "
             f"{di.get('seconds', '?')} s, peak VRAM {di.get('peak_vram_mb', '?')} MB{'; ' + di['error'] if 'error' in di else ''}"]
+    head += [f"{mode} worker {info['worker']}" for mode, info in (("static", si), ("dynamic", di)) if "worker" in info]
+    head += [f"{mode} full model: {info['full.error']}" for mode, info in (("static", si), ("dynamic", di))
+             if "full.error" in info]
     lines, ok = compare((si, runs["static"][1]), (di, runs["dynamic"][1]))
     ok &= bool(di.get("dynamic_enabled")) and "error" not in si and "error" not in di
     verdict = ["", "verdict: " + ("the dynamic path gives the static path's results" if ok else
