@@ -267,3 +267,40 @@ def test_a_captioned_folder_trains_in_buckets_and_its_loss_is_plotted_and_kept(s
     outputs = server.history(pid)["outputs"]
     assert len(server.outputs_by_node(pid)["2"]) == 1
     assert "trained 4 steps, final loss" in "".join(str(t) for t in outputs["3"]["text"])
+
+
+def test_the_hosts_own_dataset_loader_feeds_training_through_training_set(server):
+    """The host's folder loader (0.33: Load Image-Text (from Folder) + a CLIP Text Encode per caption, a list;
+    0.3.64: Load Image and Text Dataset from Folder, a batch resized to the first image + one conditioning per
+    image) -> B-LoRA Training Set -> Train B-LoRA: the run trains every step on those images."""
+    from blora.files import read_adapter
+    from blora.loss_history import losses_in
+
+    folder = "host_loader_set"
+    captioned = {name: (size, caption or "A [v] sitting") for name, (size, caption) in TRAINING_FOLDER.items()}
+    (server.input_dir / folder).mkdir()
+    for i, (name, ((h, w), caption)) in enumerate(captioned.items()):
+        _write_png(server.input_dir / folder / name, 100 + i, h, w)
+        (server.input_dir / folder / name).with_suffix(".txt").write_text(caption, encoding="utf-8")
+    available = server.object_info()
+    graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": server.ckpt_name}}}
+    if "LoadImageTextDataSetFromFolder" in available:  # 0.33: lists of images and texts
+        graph["2"] = {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": folder}}
+        graph["3"] = {"class_type": "CLIPTextEncode", "inputs": {"text": ["2", 1], "clip": ["1", 1]}}
+        images, positive = ["2", 0], ["3", 0]
+    else:  # 0.3.64: one batch (resized to the first image) and one conditioning per image
+        graph["2"] = {"class_type": "LoadImageTextSetFromFolderNode", "inputs": {
+            "folder": folder, "clip": ["1", 1], "resize_method": "Stretch", "width": -1, "height": -1}}
+        images, positive = ["2", 0], ["2", 1]
+    graph["4"] = {"class_type": "BLoRATrainingSet", "inputs": {"images": images, "positive": positive}}
+    graph["5"] = {"class_type": "BLoRATrain", "inputs": dict(
+        TRAIN_CHEAP, model=["1", 0], vae=["1", 2], training_set=["4", 0], blocks="content+style", layer_filter="",
+        alpha=4.0, algorithm="LoRA", rslora=False, learning_rate=1e-3, loraplus_ratio=1.0, optimizer="AdamW",
+        weight_decay=1e-4, steps=3, flip=False, seed=0, gradient_checkpointing=False,
+        filename_prefix="host_loader/blora")}
+    graph["6"] = {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}}
+    pid, _ = server.run(graph, timeout=240)
+    summary = "".join(str(t) for t in server.history(pid)["outputs"]["6"]["text"])
+    assert summary.startswith("3 images"), summary
+    files = sorted((server.output_dir / "loras" / "host_loader").glob("*.safetensors"))
+    assert len(files) == 1 and len(losses_in(read_adapter(files[0]).metadata)) == 3
