@@ -105,35 +105,62 @@ def boot(mode: str, device: str) -> dict:
     return info
 
 
-def tiny_patcher():
+def _loaded_patcher(make_model, init_):
+    """A ModelPatcher built the way the host's checkpoint loader builds one (comfy/sd.py): the model made empty,
+    the patcher (the dynamic one where it is on), then the weights loaded from a state dict with ``assign`` on a
+    dynamic patcher. Under dynamic VRAM the host's Linear layers get their weights only from that load (they are
+    None until then), so the state dict is made first, on a model built with the dynamic loader switched off;
+    both modes load the same tensors. Made under inference mode, as a loader node makes it."""
+    import comfy.memory_management
     import comfy.model_management as mm
     import comfy.model_patcher as mp
     import torch
+
+    with torch.inference_mode():
+        dynamic = getattr(comfy.memory_management, "aimdo_enabled", False)
+        comfy.memory_management.aimdo_enabled = False
+        try:
+            template = make_model()
+            init_(template.diffusion_model)
+            state = {k: v for k, v in template.diffusion_model.state_dict().items()}
+        finally:
+            comfy.memory_management.aimdo_enabled = dynamic
+        del template
+        model = make_model()
+        patcher = mp.CoreModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+        is_dynamic = getattr(patcher, "is_dynamic", lambda: False)()
+        model.load_model_weights(state, "", **({"assign": is_dynamic} if is_dynamic else {}))
+    missing = [n for n, p in model.diffusion_model.named_parameters() if p is None]
+    if missing or any(p is None for p in model.diffusion_model.parameters()):
+        raise RuntimeError(f"weights not loaded: {missing[:3]}")
+    return patcher
+
+
+def tiny_patcher():
+    import torch
     from blora_testkit.tiny_sdxl import init_weights_, tiny_model_config
 
-    with torch.inference_mode():  # as a loader node makes it
+    def make():
         config = tiny_model_config()
         config.set_inference_dtype(torch.float32, None)
-        model = config.get_model({})
-        init_weights_(model.diffusion_model, 0)
-    return mp.CoreModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+        return config.get_model({})
+
+    return _loaded_patcher(make, lambda unet: init_weights_(unet, 0))
 
 
 def full_patcher():
-    import comfy.model_management as mm
-    import comfy.model_patcher as mp
     import comfy.supported_models
     import torch
 
     sys.path.append(str(ROOT / "bench"))
     from benchkit import FULL_SDXL_EXTRA, fill_random_
 
-    with torch.inference_mode():
+    def make():
         config = comfy.supported_models.SDXL(dict(comfy.supported_models.SDXL.unet_config, **FULL_SDXL_EXTRA))
         config.set_inference_dtype(torch.float16, None)
-        model = config.get_model({})
-        fill_random_(model.diffusion_model, torch.float16)
-    return mp.CoreModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+        return config.get_model({})
+
+    return _loaded_patcher(make, lambda unet: fill_random_(unet, torch.float16))
 
 
 def conditioning(context_dim: int, seed: int, tokens: int = 77):
