@@ -11,8 +11,23 @@ from blora_testkit.dialects import TINY_ATTN_SHAPES, make_state_dict
 RESNET_CONV = "output_blocks.1.0.in_layers.2"  # a 3x3 conv outside the attention blocks
 
 
+def _full_lokr(shapes, alpha: float) -> dict:
+    """LyCORIS LoKr with both factors full (lokr_w1, lokr_w2) and a .alpha, which LyCORIS and ComfyUI ignore."""
+    gen = torch.Generator().manual_seed(7)
+    sd = {}
+    for path, (o, i) in shapes.items():
+        name = "lora_unet_" + path.replace(".", "_")
+        sd[name + ".lokr_w1"] = torch.randn(4, 4, generator=gen)
+        sd[name + ".lokr_w2"] = torch.randn(o // 4, i // 4, generator=gen) * 0.1
+        sd[name + ".alpha"] = torch.tensor(alpha)
+    return sd
+
+
 def _adapter(kind):
-    a = to_canonical(make_state_dict("kohya", TINY_ATTN_SHAPES, rank=4, seed=5, alpha=2.0, kind=kind))
+    if kind == "lokr_full":
+        a = to_canonical(_full_lokr(TINY_ATTN_SHAPES, alpha=8.0))
+    else:
+        a = to_canonical(make_state_dict("kohya", TINY_ATTN_SHAPES, rank=4, seed=5, alpha=2.0, kind=kind))
     gen = torch.Generator().manual_seed(1)
     conv = ModuleAdapter("lora", {"down": torch.randn(2, 256, 3, 3, generator=gen) * 0.01,
                                   "up": torch.randn(128, 2, 1, 1, generator=gen)}, alpha=1.0)
@@ -20,7 +35,7 @@ def _adapter(kind):
 
 
 @pytest.mark.parametrize("dialect", ["kohya", "comfy", "kohya_diffusers"])
-@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "lokr_full"])
 def test_stock_loader_applies_every_module_exactly(tiny_model, tmp_path, caplog, dialect, kind):
     import comfy.sd
     import comfy.utils
