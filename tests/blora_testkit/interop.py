@@ -50,6 +50,12 @@ def attention_linears(unet: nn.Module) -> dict[str, nn.Linear]:
             if isinstance(m, nn.Linear) and ".attn" in n and n.endswith(tuple("." + t for t in TARGETS))}
 
 
+def fresh_linears(seed: int = 0) -> dict[str, nn.Linear]:
+    """Copies of the tiny UNet's attention Linears by diffusers name (LyCORIS needs no more than these; copying
+    them costs a fraction of copying the UNet)."""
+    return copy.deepcopy(attention_linears(built_unet(seed)))
+
+
 def view(named: Mapping[str, nn.Module]) -> nn.Module:
     """A container whose ``named_modules`` yields ``named`` under the given dotted names, holding the same module
     objects (a LyCORIS network built on it patches the UNet's own Linears)."""

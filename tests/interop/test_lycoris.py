@@ -15,8 +15,8 @@ lycoris = pytest.importorskip("lycoris")
 from safetensors.torch import load_file  # noqa: E402
 
 from blora.files import read_adapter, write_adapter  # noqa: E402
-from blora_testkit.interop import (assert_same_deltas, attention_linears, diffusers_to_ldm, library_deltas,  # noqa: E402
-                                   pack_deltas, randomize_, snapshot, tiny_unet, view)
+from blora_testkit.interop import (assert_same_deltas, diffusers_to_ldm, fresh_linears, library_deltas,  # noqa: E402
+                                   pack_deltas, randomize_, view)
 
 RANK, ALPHA = 4, 2.0
 # name: create_lycoris options. LoKr factor 4 on widths 32..128 leaves w1 (4, 4) full and w2 factored ("one side").
@@ -41,8 +41,13 @@ def _dora(case: str, base):
     return base if CASES[case].get("dora_wd") else None
 
 
-def _network_on(unet, naming: str):
-    linears = attention_linears(unet)
+def _snapshot(linears):
+    return {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+            for n, m in linears.items()}
+
+
+def _network_on(linears, naming: str):
+    """The tiny UNet's attention Linears under diffusers names (LyCORIS on a diffusers UNet) or LDM names."""
     return view(linears if naming == "diffusers" else {diffusers_to_ldm(n): m for n, m in linears.items()})
 
 
@@ -50,34 +55,35 @@ def _train(case: str, seed: int, naming: str = "diffusers", prefix: str = "lycor
     """A LyCORIS network of ``case`` on a fresh tiny UNet's attention Linears, with random weights, applied."""
     from lycoris import LycorisNetwork, create_lycoris
 
-    unet = tiny_unet(seed=0)
-    base = snapshot(unet)
+    linears = fresh_linears(seed=0)
+    base = _snapshot(linears)
     old = LycorisNetwork.LORA_PREFIX
     LycorisNetwork.LORA_PREFIX = prefix
     try:
-        net = create_lycoris(_network_on(unet, naming), 1.0, linear_dim=RANK, linear_alpha=ALPHA, preset="full",
+        net = create_lycoris(_network_on(linears, naming), 1.0, linear_dim=RANK, linear_alpha=ALPHA, preset="full",
                              **CASES[case])
     finally:
         LycorisNetwork.LORA_PREFIX = old
     net.apply_to()
     randomize_(net, seed)
-    return unet, base, net
+    return linears, base, net
 
 
 def _load_in_lycoris(path, prefix: str, naming: str):
-    """A fresh tiny UNet (same base weights) with the file loaded by LyCORIS's own loader, applied."""
+    """Fresh copies of the tiny UNet's attention Linears (same base weights) with the file loaded by LyCORIS's own
+    loader, applied."""
     from lycoris import LycorisNetwork, create_lycoris_from_weights
 
-    unet = tiny_unet(seed=0)
-    base = snapshot(unet)
+    linears = fresh_linears(seed=0)
+    base = _snapshot(linears)
     old = LycorisNetwork.LORA_PREFIX
     LycorisNetwork.LORA_PREFIX = prefix
     try:
-        net, _ = create_lycoris_from_weights(1.0, None, _network_on(unet, naming), weights_sd=load_file(str(path)))
+        net, _ = create_lycoris_from_weights(1.0, None, _network_on(linears, naming), weights_sd=load_file(str(path)))
     finally:
         LycorisNetwork.LORA_PREFIX = old
     net.apply_to()
-    return unet, base, net
+    return linears, base, net
 
 
 # Every case under LyCORIS's own names on a diffusers UNet; a few under the kohya LDM names of sd-scripts' SDXL UNet.
@@ -88,10 +94,10 @@ ROUND_TRIPS = [(c, "lycoris") for c in CASES] + [(c, t) for c in ("lora", "lokr-
 
 @pytest.mark.parametrize("case,naming,prefix", READ)
 def test_lycoris_files_read_with_lycoris_forward_deltas(tmp_path, case, naming, prefix):
-    unet, base, net = _train(case, seed=1, naming=naming, prefix=prefix)
+    linears, base, net = _train(case, seed=1, naming=naming, prefix=prefix)
     path = tmp_path / f"{case}.safetensors"
     net.save_weights(str(path), None, {})
-    expected = library_deltas(attention_linears(unet), base)
+    expected = library_deltas(linears, base)
     adapter = read_adapter(path)
     assert adapter.unmapped == ()
     assert_same_deltas(pack_deltas(adapter, base), expected, what=f"{case} ({naming} names)", base=_dora(case, base))
@@ -99,7 +105,7 @@ def test_lycoris_files_read_with_lycoris_forward_deltas(tmp_path, case, naming, 
 
 @pytest.mark.parametrize("case,target", ROUND_TRIPS)
 def test_pack_writes_load_back_in_lycoris(tmp_path, case, target):
-    unet, base, net = _train(case, seed=2)
+    linears, base, net = _train(case, seed=2)
     source = tmp_path / "src.safetensors"
     net.save_weights(str(source), None, {})
     adapter = read_adapter(source)
@@ -112,9 +118,9 @@ def test_pack_writes_load_back_in_lycoris(tmp_path, case, target):
             with pytest.raises(RuntimeError, match="shape"):
                 _load_in_lycoris(path, pre, nam)
         return
-    unet2, base2, net2 = _load_in_lycoris(written, prefix, naming)
-    assert len(net2.loras) == len(attention_linears(unet2)), "LyCORIS did not load every module"
-    assert_same_deltas(library_deltas(attention_linears(unet2), base2), pack_deltas(adapter, base),
+    linears2, base2, net2 = _load_in_lycoris(written, prefix, naming)
+    assert len(net2.loras) == len(linears2), "LyCORIS did not load every module"
+    assert_same_deltas(library_deltas(linears2, base2), pack_deltas(adapter, base),
                        what=f"{case} -> {target} -> LyCORIS", base=_dora(case, base))
 
 
@@ -122,11 +128,11 @@ def test_pack_writes_load_back_in_lycoris(tmp_path, case, target):
 def test_lycoris_merge_to_scales_twice_and_the_pack_follows_its_forward(case):
     """LyCORIS's merge_to folds alpha/dim in twice for LoHa/LoKr, its forward once: with alpha/dim = 0.5 the merged
     delta is half the forward's. The pack (and ComfyUI) apply it once, as LyCORIS's inference forward does."""
-    unet, base, net = _train(case, seed=3)
-    forward = library_deltas(attention_linears(unet), base)
+    linears, base, net = _train(case, seed=3)
+    forward = library_deltas(linears, base)
     net.restore()
     net.merge_to(1.0)
-    merged = {n: m.weight.detach().float() - base[n][0].float() for n, m in attention_linears(unet).items()}
+    merged = {n: m.weight.detach().float() - base[n][0].float() for n, m in linears.items()}
     scale = ALPHA / RANK
     assert_same_deltas({n: d / scale for n, d in merged.items()}, forward, rtol=1e-3,
                        what=f"{case} merge_to / (alpha/dim)")  # merge_to computes in float32
