@@ -386,6 +386,10 @@ def compare(static: tuple, dynamic: tuple) -> tuple[list[str], bool]:
                 host = float((dt[f"{kind}.host_lora"] - st[f"{kind}.host_lora"]).abs().max())
             agree = diff <= AGREE_REL[kind] * effect + 1.5 * host + AGREE_ABS
             applied = stage == "plain" or effect > 1e-4
+            if stage == "host_lora":  # no pack code: the host's own figure, the allowance for apply and train
+                lines.append(f"{stage + ' (stock LoRA, host only)':<40} {effect:>26.4g} {diff:>24.3g}  host reference")
+                ok &= applied
+                continue
             verdict = "same" if agree and applied else ("DIFFERENT" if not agree else "NO EFFECT")
             ok &= agree and applied
             lines.append(f"{stage:<40} {effect:>26.4g} {diff:>24.3g}  {verdict}")
