@@ -31,6 +31,7 @@ ALGORITHMS = ("LoRA", "DoRA")
 OPTIMIZERS = ("AdamW", "SGD")
 TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SEED_DRAWS = ("shared", "own")  # seeds > 1: every seed uses the draws of `seed`, or seed + n its own
 
 # The original trainer's targets inside an attention block: q, k, v, out of both attentions, nothing else.
 ATTENTION_TARGET = re.compile(r"\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
@@ -65,7 +66,9 @@ class TrainConfig:
     selects the modules, otherwise it narrows the preset. rank/alpha: LoRA scale alpha/rank (alpha/sqrt(rank) with
     rslora). loraplus_ratio: learning-rate multiplier of the up matrices (LoRA+). steps: optimizer steps, each of
     grad_accumulation micro-batches of batch_size images. resolution: short side in pixels (aspect kept).
-    save_every: checkpoint period in steps (0: only at the end).
+    save_every: checkpoint period in steps (0: only at the end). seeds: B-LoRAs trained at once, initialised from
+    seed, seed + 1, … (``blora.host.train_seeds``); seed_draws: their timesteps and noise: ``shared`` (those of seed)
+    or ``own`` (seed + n).
     """
 
     blocks: str = "content+style"
@@ -94,6 +97,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float = 1.0
+    seeds: int = 1
+    seed_draws: str = "shared"
 
     def __post_init__(self) -> None:
         problems = [
@@ -107,7 +112,8 @@ class TrainConfig:
             _choice("init", self.init, INITIALISATIONS), _at_least("color_jitter", self.color_jitter, 0.0),
             _choice("training_dtype", self.training_dtype, TRAINING_DTYPES),
             _at_least("save_every", self.save_every, 0),
-            _choice("save_precision", self.save_precision, SAVE_PRECISIONS),
+            _choice("save_precision", self.save_precision, SAVE_PRECISIONS), _at_least("seeds", self.seeds, 1),
+            _choice("seed_draws", self.seed_draws, SEED_DRAWS),
             _positive("eps", self.eps), _at_least("max_grad_norm", self.max_grad_norm, 0.0),
         ]
         if self.blocks == "custom" and not self.layer_filter.strip():

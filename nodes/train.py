@@ -7,9 +7,11 @@ from ..blora.errors import BLoRAError
 from ..blora.files import read_adapter
 from ..blora.loss_history import loss_map
 from ..blora.host.train import train_blora
+from ..blora.host.train_seeds import train_blora_seeds
 from ..blora.host.output_files import register_output_loras
 from ..blora.trainable import INITIALISATIONS
-from ..blora.training import ALGORITHMS, BLOCK_PRESETS, OPTIMIZERS, SAVE_PRECISIONS, TRAINING_DTYPES, TrainConfig
+from ..blora.training import (ALGORITHMS, BLOCK_PRESETS, OPTIMIZERS, SAVE_PRECISIONS, SEED_DRAWS, TRAINING_DTYPES,
+                              TrainConfig)
 from .folders import adapter_files, adapter_path
 from .dataset import TrainingSetType
 from .types import BLoRA
@@ -88,6 +90,14 @@ def _inputs() -> list:
         io.Combo.Input("save_precision", options=list(SAVE_PRECISIONS), default=d.save_precision, optional=True,
                        tooltip="Precision of the saved file: fp16 (half the size of fp32, read everywhere), bf16, "
                                "or fp32 (exactly the trained weights)."),
+        io.Int.Input("seeds", default=d.seeds, min=1, max=16, optional=True,
+                     tooltip="Train this many B-LoRAs at once, initialised from seed, seed+1, …, in one batched "
+                             "forward and backward (plain LoRA; no resume). Each is saved as <prefix>_seed<S>; the "
+                             "outputs carry the first. Some seeds separate content and style better than others."),
+        io.Combo.Input("seed_draws", options=list(SEED_DRAWS), default=d.seed_draws, optional=True,
+                       tooltip="With seeds > 1: shared: every seed trains on the timesteps and noise of `seed` (the "
+                               "layers below the first trained block then run once for all seeds: faster). own: "
+                               "seed+n draws its own, exactly as a run with that seed alone."),
     ]
 
 
@@ -120,10 +130,24 @@ class BLoRATrain(io.ComfyNode):
         if images is None or positive is None:
             raise BLoRAError("connect a training_set, or images and positive")
         resume = None if resume_from in (None, "", NO_RESUME) else read_adapter(adapter_path(resume_from))
+        if config.seeds > 1:
+            return _train_seeds(model, vae, images, positive, config, filename_prefix, resume, cls.hidden.unique_id)
         out = train_blora(model, vae, images, positive, config, filename_prefix=filename_prefix, resume=resume,
                           node_id=cls.hidden.unique_id)
         return io.NodeOutput(out.model, out.adapter, loss_map(out.losses),
                              ui={"loss": out.losses, "elapsed": [out.elapsed]})
+
+
+
+def _train_seeds(model, vae, images, positive, config, filename_prefix, resume, node_id) -> io.NodeOutput:
+    """seeds > 1: every seed's file is written; the outputs carry the first seed, the UI every seed's losses."""
+    if resume is not None:
+        raise BLoRAError("resume_from works with seeds = 1: resume one seed's file on its own")
+    outs = train_blora_seeds(model, vae, images, positive, config, filename_prefix=filename_prefix, node_id=node_id)
+    first = outs[0]
+    return io.NodeOutput(first.model, first.adapter, loss_map(first.losses), ui={
+        "loss": first.losses, "elapsed": [first.elapsed], "seed_losses": [o.losses for o in outs],
+        "seeds": [config.seed + n for n in range(config.seeds)], "files": [o.path for o in outs]})
 
 
 NODES = [BLoRATrain]

@@ -46,16 +46,23 @@ class TrainState:
     denoised: torch.Tensor | None = None  # the last micro-batch's x0 estimate (first item), kept for previews
 
 
+def draw_batch(config: TrainConfig, schedule: ModelSchedule, samples: list[Sample], device: torch.device, seed: int,
+               draw: int) -> tuple[torch.Tensor, ...]:
+    """(x0, context, y, noise, sigma) of one micro-batch; every random draw comes from (seed, draw)."""
+    g = step_generator(seed, draw)
+    indices = sample_bucketed_batch(buckets(samples, config.batch_size), config.batch_size, g)
+    flips = sample_flips(config.batch_size, config.flip, g)
+    timesteps = sample_timesteps(config.batch_size, len(schedule.sigmas), g)
+    x0, context, y = batch_of(samples, indices, flips)
+    noise = sample_noise(x0.shape, g).to(device)
+    return x0, context, y, noise, schedule.sigmas[timesteps].to(device)
+
+
 def micro_loss(state: TrainState, draw: int) -> torch.Tensor:
     """Loss of one micro-batch; every random draw comes from (seed, draw)."""
-    c, ms, sigmas = state.config, state.schedule.model_sampling, state.schedule.sigmas
-    g = step_generator(c.seed, draw)
-    indices = sample_bucketed_batch(buckets(state.samples, c.batch_size), c.batch_size, g)
-    flips = sample_flips(c.batch_size, c.flip, g)
-    timesteps = sample_timesteps(c.batch_size, len(sigmas), g)
-    x0, context, y = batch_of(state.samples, indices, flips)
-    noise = sample_noise(x0.shape, g).to(state.device)
-    sigma = sigmas[timesteps].to(state.device)
+    ms = state.schedule.model_sampling
+    x0, context, y, noise, sigma = draw_batch(state.config, state.schedule, state.samples, state.device,
+                                              state.config.seed, draw)
     xc = ms.calculate_input(sigma, ms.noise_scaling(sigma, noise, x0))
     t = ms.timestep(sigma).float()
     out = state.unet(xc.to(state.dtype), t, context=context.to(state.dtype), y=y.to(state.dtype), control=None,
