@@ -37,6 +37,8 @@ export class LossChart {
 
   reset() {
     this.points = []; // [{step, loss}]
+    this.seedLosses = []; // seeds > 1: one array of losses per seed (drawn instead of the single curve)
+    this.seeds = [];
     this.steps = 0;
     this.elapsed = null; // seconds since the run started, as the server reported
     this.preview = null; // {filename, subfolder, type}
@@ -51,11 +53,13 @@ export class LossChart {
   }
 
   /** One `blora.train.progress` message: {step, steps, loss, elapsed, preview?}. */
-  update({ step, steps, loss, elapsed, preview }) {
+  update({ step, steps, loss, elapsed, preview, losses, seeds }) {
     const last = this.points.at(-1);
     if (last && step <= last.step) this.reset(); // a new run whose start we did not see
     this.running = true;
     this.points.push({ step, loss });
+    if (Array.isArray(losses)) losses.forEach((v, k) => (this.seedLosses[k] ??= []).push(v));
+    if (Array.isArray(seeds)) this.seeds = seeds;
     this.steps = steps ?? this.steps;
     this.elapsed = elapsed ?? this.elapsed;
     if (preview) this.preview = preview;
@@ -69,9 +73,11 @@ export class LossChart {
   }
 
   /** The finished run from the node's UI output (`loss`: one float per step); keeps the live timing if any. */
-  finish(losses, elapsed) {
+  finish(losses, elapsed, seedLosses = null, seeds = null) {
     const sameRun = this.points.length === losses.length;
     this.points = losses.map((loss, i) => ({ step: i + 1, loss }));
+    this.seedLosses = Array.isArray(seedLosses) ? seedLosses.map((a) => a.map(Number)) : [];
+    this.seeds = Array.isArray(seeds) ? seeds : [];
     this.steps = losses.length;
     if (Number.isFinite(elapsed)) this.elapsed = elapsed;
     else if (!sameRun) this.elapsed = null;
@@ -133,7 +139,9 @@ export function drawLossChart(canvas, chart) {
   ctx.fillStyle = "#16181c";
   ctx.fillRect(0, 0, width, height);
   ctx.font = "10px sans-serif";
-  const finite = chart.points.filter((p) => Number.isFinite(p.loss));
+  const perSeed = chart.seedLosses.length > 1;
+  const values = perSeed ? chart.seedLosses.flat() : chart.points.map((p) => p.loss);
+  const finite = values.filter(Number.isFinite);
   if (!finite.length) {
     ctx.fillStyle = COLORS.dim;
     ctx.textAlign = "center";
@@ -143,15 +151,27 @@ export function drawLossChart(canvas, chart) {
   const box = { x: PAD.left, y: PAD.top, w: width - PAD.left - PAD.right, h: height - PAD.top - PAD.bottom };
   const scale = scales(chart, finite, box);
   drawGrid(ctx, box, scale, chart);
+  if (perSeed) {
+    const items = chart.seedLosses.map((losses, k) => {
+      const color = SEED_COLORS[k % SEED_COLORS.length];
+      drawLine(ctx, scale, losses.map((_, i) => i + 1), smooth(losses), color, 2);
+      return [`seed ${chart.seeds[k] ?? k}`, color];
+    });
+    drawLegend(ctx, box, items);
+    return;
+  }
   const steps = chart.points.map((p) => p.step);
   drawLine(ctx, scale, steps, chart.points.map((p) => p.loss), COLORS.raw, 1);
   drawLine(ctx, scale, steps, chart.smoothed, COLORS.smooth, 2);
   drawLegend(ctx, box);
 }
 
+/** One EMA curve per seed (seeds > 1). */
+const SEED_COLORS = ["#4fc3f7", "#ffb74d", "#81c784", "#e57373", "#ba68c8", "#fff176", "#4db6ac", "#f06292"];
+
 function scales(chart, finite, box) {
-  let lo = Math.min(...finite.map((p) => p.loss));
-  let hi = Math.max(...finite.map((p) => p.loss));
+  let lo = Math.min(...finite);
+  let hi = Math.max(...finite);
   if (hi - lo < 1e-12) {
     const pad = Math.abs(hi) * 0.1 || 0.5;
     lo -= pad;
@@ -212,14 +232,10 @@ function drawLine(ctx, scale, steps, values, color, lineWidth) {
   }
 }
 
-function drawLegend(ctx, box) {
-  const items = [
-    ["loss", COLORS.raw],
-    [`ema ${EMA_WEIGHT}`, COLORS.smooth],
-  ];
+function drawLegend(ctx, box, items = [["loss", COLORS.raw], [`ema ${EMA_WEIGHT}`, COLORS.smooth]]) {
   ctx.textAlign = "left";
   ctx.textBaseline = "middle";
-  let x = box.x + box.w - 120;
+  let x = box.x + box.w - 60 * items.length;
   for (const [label, color] of items) {
     ctx.fillStyle = color;
     ctx.fillRect(x, box.y + 4, 12, 3);

@@ -108,7 +108,7 @@ app.registerExtension({
     chain(proto, "onExecuted", function (output) {
       const losses = output?.loss;
       if (!Array.isArray(losses) || !this.bloraChart) return;
-      this.bloraChart.finish(losses.map(Number), Number(output.elapsed?.[0]));
+      this.bloraChart.finish(losses.map(Number), Number(output.elapsed?.[0]), output.seed_losses, output.seeds);
       this.bloraChartView.render();
     });
     chain(proto, "onRemoved", function () {
