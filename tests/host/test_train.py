@@ -25,7 +25,7 @@ INPUTS = ["model", "vae", "images", "positive", "blocks", "layer_filter", "rank"
           "learning_rate", "loraplus_ratio", "optimizer", "weight_decay", "steps", "batch_size",
           "grad_accumulation", "resolution", "flip", "seed", "training_dtype", "gradient_checkpointing",
           "save_every", "filename_prefix", "resume_from", "init", "training_set", "random_crop", "color_jitter",
-          "save_precision"]
+          "save_precision", "seeds", "seed_draws"]
 TARGET_KEY = re.compile(r"^diffusion_model\.output_blocks\.[01]\.1\.transformer_blocks\.\d+\.attn[12]\."
                         r"(to_q|to_k|to_v|to_out\.0)\.weight$")
 FAST = dict(blocks="content+style", layer_filter="", rank=4, alpha=4.0, algorithm="LoRA", rslora=False,
