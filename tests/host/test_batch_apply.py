@@ -181,3 +181,33 @@ def test_image_grid_lays_the_batch_out_row_by_row(nodes):
     assert grid[0, 2:, 3:].eq(0).all()  # the empty cell
     (square,), _ui = run_node(nodes.batch_apply.BLoRAImageGrid, images=images[:1].expand(4, 2, 3, 3), columns=0)
     assert square.shape == (1, 4, 6, 3)
+
+
+def test_cond_and_uncond_in_separate_calls_stay_on_their_images_entry(nodes, files, tiny_model):
+    """An area on the negative prompt makes its chunks a different shape from the positive's, so the host runs the
+    full-size cond alone in one model call and the area-sized chunks in another; each image must still equal its
+    separate run."""
+    import comfy.patcher_extension
+    import comfy.sample
+
+    negative = tiny_conditioning(2)
+    negative[0][1].update(area=(4, 4, 0, 0), strength=1.0, set_area_to_bounds=False)
+    batch = entry(nodes, style=files["lora"], style_strength=1.0)
+    batch = entry(nodes, batch, style=files["loha"], style_strength=1.0)
+    model = batch_apply(nodes, tiny_model, batch)
+    calls = []
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.calls",
+                               lambda executor, x, *args, **kw: (calls.append(
+                                   (x.shape[0], list(kw.get("transformer_options", args[4] if len(args) > 4 else {})
+                                                     .get("cond_or_uncond", [])))), executor(x, *args, **kw))[1])
+
+    def run(patcher, rows):
+        with torch.inference_mode():
+            return comfy.sample.sample(patcher, noise(2)[rows], 2, 2.0, "euler", "normal", tiny_conditioning(1),
+                                       negative, torch.zeros_like(noise(2)[rows]), disable_pbar=True, seed=0)
+
+    batched = run(model, slice(0, 2))
+    assert (2, [0]) in calls and any(1 in c for _, c in calls), calls  # cond alone in a call; uncond elsewhere
+    for i, style in enumerate(("lora", "loha")):
+        alone = run(apply(nodes, tiny_model, style=files[style], style_strength=1.0), slice(i, i + 1))
+        assert_close(batched[i:i + 1], alone, f"image {i} ({style})")
