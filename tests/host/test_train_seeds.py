@@ -20,7 +20,7 @@ from blora.kinds.lora import TrainableLoRA
 FAST = dict(blocks="content+style", layer_filter="", rank=4, alpha=4.0, algorithm="LoRA", rslora=False,
             learning_rate=1e-2, loraplus_ratio=1.0, optimizer="AdamW", weight_decay=1e-4, steps=3, batch_size=1,
             grad_accumulation=1, resolution=64, flip=False, seed=0, training_dtype="fp32",
-            gradient_checkpointing=True, save_every=0, filename_prefix="t/blora")
+            gradient_checkpointing=True, save_every=0, filename_prefix="t/blora", save_precision="fp32")
 # Batched rows vs a merged weight round differently in float32. With SGD that stays at rounding (measured 1e-5 of
 # the tensor); Adam divides each component by its own gradient size, so on components whose gradient is near zero
 # the rounding shows as up to a few % of one step (lr) (measured 3% after 3 steps at lr 1e-2). A mixed-up seed
@@ -59,8 +59,9 @@ def image(seed=0):
 
 
 def train(node, model, vae, **settings):
-    (out_model, blora), ui = run_node(node, hidden={"UNIQUE_ID": "5"}, model=model, vae=vae, images=image(),
-                                      positive=tiny_conditioning(0), **dict(FAST, **settings))
+    (out_model, blora, *_loss_map), ui = run_node(node, hidden={"UNIQUE_ID": "5"}, model=model, vae=vae,
+                                                  images=image(), positive=tiny_conditioning(0),
+                                                  **dict(FAST, **settings))
     return out_model, blora, ui
 
 
@@ -150,3 +151,9 @@ def test_what_cannot_be_batched_is_refused_before_writing(node, model, vae, host
     with pytest.raises(BLoRAError, match=message):
         train(node, model, vae, seeds=2, **settings)
     assert written(host_dirs) == []
+
+
+def test_own_draws_with_augmented_views_use_each_seeds_views(node, model, vae, host_dirs):
+    _m, _b, _ui = train(node, model, vae, seeds=2, seed=3, seed_draws="own", random_crop=True, **TIGHT)
+    _m2, alone, _ui2 = train(node, model, vae, seed=4, random_crop=True, filename_prefix="alone/s4", **TIGHT)
+    assert_same_adapter(read(host_dirs, "t/blora_seed4_00001_.safetensors"), alone, "seed 4 (random crop)")

@@ -13,7 +13,8 @@ TRAIN = {"blocks": "content+style", "layer_filter": "", "rank": 4, "alpha": 4.0,
          "rslora": False, "learning_rate": 1e-2, "loraplus_ratio": 1.0, "optimizer": "AdamW", "weight_decay": 1e-4,
          "steps": 3, "batch_size": 1, "grad_accumulation": 1, "resolution": 64, "flip": False, "seed": 7,
          "training_dtype": "fp32", "gradient_checkpointing": True, "save_every": 0,
-         "filename_prefix": "seeds/subject", "resume_from": "none", "seeds": 2, "seed_draws": "shared"}
+         "filename_prefix": "seeds/subject", "resume_from": "none", "seeds": 2, "seed_draws": "shared",
+         "save_precision": "fp32"}
 
 
 def write_png(path):
