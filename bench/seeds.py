@@ -91,9 +91,10 @@ def bench_model(label: str, model, context_dim: int, args) -> list[dict]:
 def table(rows: list[dict], args) -> str:
     import torch
 
-    head = (f"{run_stamp('seeds.py')}, {torch.get_num_threads()} thread(s); {args.steps} steps each, batch 1, "
-            f"content+style blocks, gradient checkpointing; tiny: fp32 rank 4 {args.tiny_res} px; full: bf16 "
-            f"rank 64 {args.full_res} px")
+    full = any("full" in r["model"] for r in rows)
+    head = (f"{run_stamp('seeds.py')}, {torch.get_num_threads()} thread(s); batch 1, content+style blocks, "
+            f"gradient checkpointing; tiny: fp32 rank 4 {args.tiny_res} px, {args.tiny_steps} steps"
+            + (f"; full: bf16 rank 64 {args.full_res} px, {args.full_steps} steps" if full else ""))
     lines = [head, "", f"{'model':38} {'variant':24} {'CPU s':>8} {'ratio':>6} {'peak RSS growth':>16}"]
     for r in rows:
         lines.append(f"{r['model']:38} {r['variant']:24} {r['cpu']:8.2f} {r['ratio']:6.2f} "
@@ -114,6 +115,7 @@ def main() -> int:
     parser.add_argument("--full-steps", type=int, default=3)
     parser.add_argument("--full-res", type=int, default=256)
     args = parser.parse_args()
+    args.tiny_steps = args.steps
     setup_host(args.threads)
     import folder_paths
     import torch
@@ -126,7 +128,7 @@ def main() -> int:
     rows = bench_model("tiny SDXL (fp32)", tiny, 64, args)
     if args.full:
         if enough_memory(FULL_MEMORY_GB):
-            args.steps = args.full_steps
+            args.tiny_steps, args.steps = args.steps, args.full_steps
             with torch.inference_mode():
                 full = full_sdxl_model(torch.bfloat16)
             rows += bench_model("full SDXL UNet (bf16)", full, 2048, args)
