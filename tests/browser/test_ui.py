@@ -283,6 +283,38 @@ def test_chart_and_map_helpers_in_page(ui_page):
     assert got["line"] == "rank 64 · alpha 64 · kohya_ldm · DoRA · 28.2M params"
 
 
+def test_chart_draws_one_curve_per_seed(ui_page):
+    """Train B-LoRA with seeds > 1: progress events carry one loss per seed, the node's output `seed_losses`; the
+    chart keeps and draws one curve per seed (in its seed colour), and a plain run goes back to one curve."""
+    page, _ = ui_page
+    got = page.evaluate("""async () => {
+      const chart = await import("/extensions/comfyui-blora/js/loss_chart.js");
+      const c = new chart.LossChart();
+      c.update({ step: 1, steps: 3, loss: 0.5, losses: [0.4, 0.6], seeds: [7, 8], elapsed: 1 });
+      c.update({ step: 2, steps: 3, loss: 0.3, losses: [0.2, 0.4], seeds: [7, 8], elapsed: 2 });
+      const live = JSON.parse(JSON.stringify([c.seedLosses, c.seeds]));
+      const canvas = document.createElement("canvas");
+      Object.assign(canvas.style, { width: "300px", height: "150px" });
+      document.body.append(canvas);
+      chart.drawLossChart(canvas, c);
+      const px = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+      const count = ([r, g, b]) => {
+        let n = 0;
+        for (let i = 0; i < px.length; i += 4) n += Math.abs(px[i] - r) + Math.abs(px[i + 1] - g) + Math.abs(px[i + 2] - b) < 30;
+        return n;
+      };
+      const colours = [count([0x4f, 0xc3, 0xf7]), count([0xff, 0xb7, 0x4d])];
+      canvas.remove();
+      c.finish([0.4, 0.2, 0.1], 3, [[0.4, 0.2, 0.1], [0.6, 0.4, 0.3], [0.5, 0.5, 0.5]], [7, 8, 9]);
+      const finished = [c.seedLosses.length, c.seeds];
+      c.finish([0.4, 0.2, 0.1], 3);
+      return { live, colours, finished, plain: c.seedLosses.length };
+    }""")
+    assert got["live"] == [[[0.4, 0.2], [0.6, 0.4]], [7, 8]]
+    assert all(n > 20 for n in got["colours"]), got["colours"]  # both seeds' curves are on the canvas
+    assert got["finished"] == [3, [7, 8, 9]] and got["plain"] == 0
+
+
 def test_progress_event_with_preview_draws_it(ui_page, ui_server, baseline):
     """A progress message that carries a preview ({filename, subfolder, type}) shows that image on the node,
     loaded through this server's /view; a message for another node changes nothing."""
