@@ -10,6 +10,7 @@ import torch
 
 from blora.adapter import Adapter, ModuleAdapter, check_fits, delta_weight
 from blora.errors import AdapterFileError, ArchitectureError, BLoRAError
+from blora.dialects import BY_NAME
 from blora.keys import detect_dialect, from_canonical, to_canonical
 from blora_testkit.dialects import (CONTENT, FULL_ATTN_SHAPES, STYLE, TINY_ATTN_SHAPES, blora_shapes,
                                     make_state_dict, reference_deltas)
@@ -404,3 +405,56 @@ def test_conv_resnet_and_text_encoder_modules_round_trip(dialect):
     assert set(b.modules) == set(CONV)
     for path, m in CONV.items():
         assert _close(delta_weight(b.modules[path]), delta_weight(m)), path
+
+
+def _variant(name: str) -> ModuleAdapter:
+    """One module of each shape of adapter the writers meet (64 x 48 weight)."""
+    g = torch.Generator().manual_seed(len(name))
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    lora = {"down": r(4, 48), "up": r(64, 4)}
+    return {
+        "lora": lambda: ModuleAdapter("lora", lora, alpha=2.0),
+        "lora-no-alpha": lambda: ModuleAdapter("lora", lora),
+        "lora-dora-input": lambda: ModuleAdapter("lora", lora, 2.0, r(1, 48).abs() + 1),
+        "lora-dora-output": lambda: ModuleAdapter("lora", lora, 2.0, r(64, 1).abs() + 1, "adapted"),
+        "loha": lambda: ModuleAdapter("loha", {"w1a": r(64, 4), "w1b": r(4, 48), "w2a": r(64, 4), "w2b": r(4, 48)}, 2.0),
+        "lokr-one-side": lambda: ModuleAdapter("lokr", {"w1": r(8, 8), "w2a": r(8, 4), "w2b": r(4, 6)}, 2.0),
+        "lokr-both-sides": lambda: ModuleAdapter("lokr", {"w1a": r(8, 4), "w1b": r(4, 8), "w2a": r(8, 4),
+                                                          "w2b": r(4, 6)}, 2.0),
+        "lokr-full": lambda: ModuleAdapter("lokr", {"w1": r(8, 8), "w2": r(8, 6)}, 8.0),
+        "lokr-full-dora-output": lambda: ModuleAdapter("lokr", {"w1": r(8, 8), "w2": r(8, 6)}, 8.0,
+                                                       r(64, 1).abs() + 1, "adapted"),
+    }[name]()
+
+
+VARIANTS = ["lora", "lora-no-alpha", "lora-dora-input", "lora-dora-output", "loha", "lokr-one-side",
+            "lokr-both-sides", "lokr-full", "lokr-full-dora-output"]
+# What each plain dialect must hold (refusing these would lose a format's own content).
+MUST_HOLD = {"peft": {"lora", "lora-no-alpha", "lora-dora-output"}}
+
+
+@pytest.mark.parametrize("dialect", WRITERS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_writer_keeps_what_it_writes_or_refuses_by_name(dialect, variant):
+    """The class of defect behind a dropped .alpha or a refused PEFT DoRA: whatever a dialect writes reads back
+    to the same rendering (delta, alpha's effect, DoRA magnitude and axis); what it cannot hold is refused naming
+    the module, never written lossy. Extended dialects hold everything; peft holds plain and per-row DoRA LoRA."""
+    path = f"{STYLE}.transformer_blocks.0.attn2.to_k"
+    module = _variant(variant)
+    adapter = Adapter(modules={path: module}, source="v")
+    try:
+        state = from_canonical(adapter, dialect)
+    except BLoRAError as e:
+        assert path in str(e)
+        assert not BY_NAME[dialect].extended and variant not in MUST_HOLD.get(dialect, set()), str(e)
+        return
+    back = to_canonical(state).modules[path]
+    assert back.kind == module.kind and back.dora_norm == module.dora_norm
+    assert torch.allclose(delta_weight(back), delta_weight(module), rtol=1e-6, atol=1e-6)
+    if BY_NAME[dialect].alpha:
+        assert back.alpha == module.alpha or (module.alpha is None and back.alpha == module.rank)
+    if module.dora_scale is None:
+        assert back.dora_scale is None
+    else:
+        assert torch.equal(back.dora_scale.reshape(-1), module.dora_scale.reshape(-1))
+        assert back.dora_scale.shape[0] == module.dora_scale.shape[0]  # same axis
