@@ -1,9 +1,17 @@
-"""Train B-LoRA against stock ComfyUI ``TrainLoraNode``, side by side in one run, each run in its own process.
+"""Train B-LoRA against (1) a minimal pure-torch B-LoRA loop and (2) stock ComfyUI ``TrainLoraNode``, side by
+side in one run, each run in its own process.
 
-(a) the tiny SDXL-architecture test model, fp32 on the CPU, same steps, rank, batch, learning rate and gradient
-    checkpointing for both; (b) a full-width SDXL UNet with random weights (the real SDXL unet_config) at 512 px,
-    bf16, a few steps. Both nodes get the same image (stock: its latent from the same VAE) and conditioning; the
-    weights are made under ``torch.inference_mode()`` as a checkpoint loader node makes them.
+(1) ``bench/minimal_train.py``: the least work the recipe needs, on the same UNet module, targets (the content and
+    style blocks' attention Linears), rank, dtype and latent; measured with gradient checkpointing on and off, as
+    Train B-LoRA is. This is the like-for-like figure.
+(2) Stock TrainLoraNode trains a LoRA on EVERY layer of the UNet (all Linears and convs, norms and biases as
+    diffs), not B-LoRA's two blocks: the ours/stock ratio compares B-LoRA's layers with stock's all-layer LoRA,
+    i.e. what a user saves by training B-LoRA with this pack instead of the stock node, not like-for-like code.
+
+Models: (a) the tiny SDXL-architecture test model, fp32 on the CPU, same steps, rank, batch, learning rate for
+all; (b) a full-width SDXL UNet with random weights (the real SDXL unet_config) at 512 px, bf16, a few steps. All
+get the same image (latent from the same VAE) and conditioning; for ours and stock the weights are made under
+``torch.inference_mode()`` as a checkpoint loader node makes them (the minimal loop makes ordinary tensors).
 
 Step time: the median interval between consecutive step ends inside one run (ours: the host ProgressBar hook;
 stock: its loss callback), so set-up (VAE encode, model load, saving) is not counted; wall time and process CPU
@@ -40,15 +48,18 @@ def _status_kb(field: str) -> int:
 
 
 def build(args):
-    """(model, vae, image, conditioning) for the worker's model size; weights made under inference mode."""
+    """(model, vae, image, conditioning) for the worker's model size; weights made under inference mode (the
+    minimal loop: ordinary tensors)."""
     import torch
 
     from blora_testkit.tiny_sdxl import tiny_conditioning, tiny_sdxl_model
     from blora_testkit.tiny_vae import tiny_vae
 
-    with torch.inference_mode():
+    with torch.inference_mode(args.worker != "minimal"):
         if args.model == "tiny":
             model, context_dim = tiny_sdxl_model(0), 64
+        elif args.model == "mid":
+            model, context_dim = mid_sdxl_model(), 2048
         else:
             model, context_dim = full_sdxl_model(torch.bfloat16), 2048
         gen = torch.Generator().manual_seed(0)
@@ -56,6 +67,28 @@ def build(args):
         cond = tiny_conditioning(0)
         cond = [[torch.randn(1, 77, context_dim, generator=gen), cond[0][1]]]
         return model, tiny_vae(0), image, cond
+
+
+MID_SDXL = {"model_channels": 128, "transformer_depth": [0, 0, 1, 1, 2, 2], "transformer_depth_middle": 2,
+            "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2]}  # SDXL's layout and context, narrower, shallower
+
+
+def mid_sdxl_model():
+    """ModelPatcher around a mid-size SDXL-architecture UNet (MID_SDXL over SDXL's config: 128 channels, depth 2 in
+    the 1280→512-channel blocks, context 2048), fp32, random weights, CPU."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    from benchkit import FULL_SDXL_EXTRA, fill_random_
+
+    config = dict(comfy.supported_models.SDXL.unet_config, **dict(FULL_SDXL_EXTRA, **MID_SDXL))
+    model_config = comfy.supported_models.SDXL(config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    fill_random_(model.diffusion_model, torch.float32)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
 def run_ours(args, model, vae, image, cond, stamp) -> list[float]:
@@ -66,10 +99,30 @@ def run_ours(args, model, vae, image, cond, stamp) -> list[float]:
     from blora.training import TrainConfig
 
     config = TrainConfig(rank=args.rank, alpha=float(args.rank), steps=args.steps, learning_rate=1e-4,
-                         resolution=args.res, training_dtype=args.dtype, gradient_checkpointing=True)
+                         resolution=args.res, training_dtype=args.dtype, gradient_checkpointing=not args.no_gc)
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: stamp())
     with torch.inference_mode():
         return train_blora(model, vae, image, cond, config, filename_prefix="bench/ours").losses
+
+
+def run_minimal(args, model, vae, image, cond, stamp) -> list[float]:
+    """bench/minimal_train.py on the same UNet module, targets, rank, dtype and latent."""
+    import torch
+
+    import minimal_train
+    from blora.host.train import linear_paths
+    from blora.training import TrainConfig, TRAINING_DTYPES, select_targets
+
+    dtype = TRAINING_DTYPES[args.dtype]
+    unet = model.model.diffusion_model.to(dtype)
+    targets = select_targets(linear_paths(model), TrainConfig())
+    with torch.no_grad():
+        x0 = vae.encode(image).float() * minimal_train.SDXL_LATENT_SCALE
+    context = cond[0][0]
+    y = torch.randn(1, model.model.model_config.unet_config["adm_in_channels"],
+                    generator=torch.Generator().manual_seed(0))
+    params = minimal_train.attach(unet, targets, args.rank, float(args.rank), not args.no_gc)
+    return minimal_train.train(unet, x0, context, y, params, args.steps, 1e-4, dtype, stamp)
 
 
 def run_stock(args, model, vae, image, cond, stamp) -> list[float]:
@@ -101,7 +154,7 @@ def worker(args) -> None:
 
     folder_paths.set_output_directory(tempfile.mkdtemp(prefix="blora-bench-"))
     model, vae, image, cond = build(args)
-    runner = {"ours": run_ours, "stock": run_stock}[args.worker]
+    runner = {"ours": run_ours, "minimal": run_minimal, "stock": run_stock}[args.worker]
     stamps: list[tuple[float, float]] = []
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
     rss0 = _status_kb("VmRSS")
@@ -111,12 +164,21 @@ def worker(args) -> None:
                       "rss0_kb": rss0, "hwm_kb": _status_kb("VmHWM"), "losses": [float(x) for x in losses]}))
 
 
+MODEL_ARGS = {  # per model size: resolution, rank, dtype, threads, memory cap of each run
+    "tiny": lambda a: ["--res", str(a.tiny_res), "--rank", str(a.rank), "--dtype", "fp32", "--threads",
+                       str(a.threads), "--mem-cap-gb", "0"],
+    "mid": lambda a: ["--res", str(a.mid_res), "--rank", str(a.mid_rank), "--dtype", "fp32", "--threads",
+                      str(a.threads), "--mem-cap-gb", str(a.full_mem_cap_gb)],
+    "full": lambda a: ["--res", str(a.full_res), "--rank", str(a.full_rank), "--dtype", a.full_dtype, "--threads",
+                       str(a.full_threads), "--mem-cap-gb", str(a.full_mem_cap_gb)],
+}
+
+
 def spawn(variant: str, model: str, steps: int, args) -> dict:
+    variant, _, gc = variant.partition("/")  # "ours/gc", "minimal/no-gc", "stock/gc"
     cmd = [sys.executable, __file__, "--worker", variant, "--model", model, "--steps", str(steps),
-           "--res", str(args.tiny_res if model == "tiny" else args.full_res),
-           "--rank", str(args.rank if model == "tiny" else args.full_rank),
-           "--dtype", "fp32" if model == "tiny" else args.full_dtype, "--threads", str(args.threads if model == "tiny" else args.full_threads),
-           "--mem-cap-gb", str(0 if model == "tiny" else args.full_mem_cap_gb)]
+           *(["--no-gc"] if gc == "no-gc" else []),
+           *MODEL_ARGS[model](args)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -128,9 +190,12 @@ def spawn(variant: str, model: str, steps: int, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+VARIANTS = ("ours/gc", "minimal/gc", "ours/no-gc", "minimal/no-gc", "stock/gc")
+
+
 def measure(model: str, steps: int, args) -> dict:
-    """Per variant, runs interleaved ours/stock: median step time (wall, CPU) and training peak memory."""
-    runs = {"ours": [], "stock": []}
+    """Per variant, runs interleaved: median step time (wall, CPU) and training peak memory."""
+    runs = {v: [] for v in VARIANTS if args.stock or not v.startswith("stock")}
     for _ in range(args.repeats if model == "tiny" else 1):
         for variant in runs:
             runs[variant].append(spawn(variant, model, steps, args))
@@ -152,24 +217,34 @@ def _line(name: str, r: dict) -> str:
     if "error" in r:
         return f"  {name}: {r['error']}"
     return (f"  {name}: {r['wall']:8.3f} s/step wall {r['cpu']:8.3f} s/step cpu   training adds "
-            f"{r['peak_add_mb']:8.1f} MB (peak RSS {r['peak_mb']:.0f} MB)")
+            f"{r['peak_add_mb']:8.1f} MB (peak RSS {r['peak_mb']:.0f} MB), loss {r['loss_first']:.3f} -> "
+            f"{r['loss_last']:.3f}")
+
+
+def _ratio(name: str, a: dict, b: dict) -> list[str]:
+    if "error" in a or "error" in b:
+        return []
+    return [f"  ratio {name}: step time {a['wall'] / b['wall']:.2f} (wall), {a['cpu'] / b['cpu']:.2f} (cpu); "
+            f"peak memory added {a['peak_add_mb'] / b['peak_add_mb']:.2f}, peak RSS {a['peak_mb'] / b['peak_mb']:.2f}"]
 
 
 def row(label: str, result: dict) -> list[str]:
-    ours, stock = result["ours"], result["stock"]
-    lines = [label, _line("ours ", ours), _line("stock", stock)]
-    if "error" not in ours and "error" not in stock:
-        lines.append(f"  ratio ours/stock: step time {ours['wall'] / stock['wall']:.2f} (wall), "
-                     f"{ours['cpu'] / stock['cpu']:.2f} (cpu); peak memory added "
-                     f"{ours['peak_add_mb'] / stock['peak_add_mb']:.2f}, peak RSS "
-                     f"{ours['peak_mb'] / stock['peak_mb']:.2f}")
+    lines = [label] + [_line(f"{v:13s}", r) for v, r in result.items()]
+    lines += _ratio("ours/minimal, checkpointing on ", result["ours/gc"], result["minimal/gc"])
+    lines += _ratio("ours/minimal, checkpointing off", result["ours/no-gc"], result["minimal/no-gc"])
+    if "stock/gc" in result:
+        lines += _ratio("ours/stock (B-LoRA's 2 blocks vs stock's all-layer LoRA, checkpointing on)",
+                        result["ours/gc"], result["stock/gc"])
     return lines
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--worker", choices=("ours", "stock"))
-    p.add_argument("--model", choices=("tiny", "full"), default="tiny")
+    p.add_argument("--worker", choices=("ours", "minimal", "stock"))
+    p.add_argument("--no-gc", action="store_true", help="gradient checkpointing off (ours, minimal)")
+    p.add_argument("--stock", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run stock TrainLoraNode (all layers)")
+    p.add_argument("--model", choices=("tiny", "mid", "full"), default="tiny")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--res", type=int, default=128)
     p.add_argument("--rank", type=int, default=8)
@@ -178,6 +253,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny-res", type=int, default=256)
     p.add_argument("--tiny-steps", type=int, default=20)
+    p.add_argument("--mid-res", type=int, default=256)
+    p.add_argument("--mid-rank", type=int, default=32)
+    p.add_argument("--mid-steps", type=int, default=6)
+    p.add_argument("--no-mid", action="store_true")
     p.add_argument("--full-res", type=int, default=512)
     p.add_argument("--full-rank", type=int, default=64)
     p.add_argument("--full-dtype", default="bf16")
@@ -193,14 +272,21 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    header = (f"bench/train.py on {platform.machine()} {os.cpu_count()} CPU(s), torch threads {args.threads} (tiny) / "
+    header = (f"bench/train.py on {platform.machine()} {os.cpu_count()} CPU(s), torch threads {args.threads} (tiny, mid) / "
               f"{args.full_threads} (full), {time.strftime('%Y-%m-%d %H:%M')}; CPU time is the steadier figure on a "
               f"shared machine")
-    lines = [header]
+    lines = [header, "ours = Train B-LoRA; minimal = bench/minimal_train.py (plain torch, the least work the recipe needs: "
+                     "same UNet, the same 2 blocks' attention Linears, rank, dtype, latent); stock = ComfyUI's "
+                     "TrainLoraNode, which trains a LoRA on EVERY layer: ours/stock compares B-LoRA's 2 blocks with "
+                     "stock's all-layer LoRA, not like with like."]
     if not args.no_tiny:
         tiny = measure("tiny", args.tiny_steps, args)
         lines += row(f"(a) tiny SDXL-arch model, fp32, {args.tiny_res} px, rank {args.rank}, {args.tiny_steps} steps "
                      f"(median of {args.repeats} runs)", tiny)
+    if not args.no_mid:
+        mid = measure("mid", args.mid_steps, args)
+        lines += row(f"(m) mid-size SDXL-arch UNet (128 channels, depth 1/2, context 2048, random weights), fp32, "
+                     f"{args.mid_res} px, rank {args.mid_rank}, {args.mid_steps} steps (1 run each)", mid)
     if not args.no_full:
         full = measure("full", args.full_steps, args)
         lines += row(f"(b) full-width SDXL UNet (random weights), {args.full_dtype}, {args.full_res} px, rank "
