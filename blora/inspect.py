@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .adapter import Adapter
 from .blocks import block_of
@@ -23,7 +23,8 @@ class AdapterReport:
     stock_differs: modules that stock LoraLoader renders differently from this pack and the file's home tool
     (per-output-row DoRA: PEFT's magnitude, which stock ignores, or an (out, 1) dora_scale, which stock normalises
     by ‖W‖ instead of ‖W + ΔW‖); training: steps and final loss of a file this pack trained
-    (``loss_history.training_summary``), else "".
+    (``loss_history.training_summary``), else ""; block_ranks: LBW slot -> mean rank of the block's modules in
+    the file, when ranks differ between modules (AdaLoRA).
     """
 
     source: str
@@ -43,6 +44,7 @@ class AdapterReport:
     trigger: str
     stock_differs: int = 0
     training: str = ""
+    block_ranks: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line: ``kohya · content, style (OUT0 OUT1) · LoRA rank 64 · 160 modules · 28.2M params``."""
@@ -86,6 +88,8 @@ class AdapterReport:
             f"blocks:    {' '.join(self.blocks) or '-'}",
             f"kinds:     {self._kinds()}{' + DoRA' if self.dora else ''}",
             f"ranks:     {', '.join(map(str, sorted(self.ranks))) or '-'}",
+            *([f"per block: {', '.join(f'{k} {v:.1f}' for k, v in self.block_ranks.items())} (mean rank)"]
+              if self.block_ranks else []),
             f"alpha:     {alphas or '-'}",
             f"dtypes:    {', '.join(self.dtypes)}",
             f"modules:   {self.num_modules} ({self.unet_other} outside attention blocks, "
@@ -108,6 +112,9 @@ class AdapterReport:
     def _ranks(self) -> str:
         if not self.ranks:
             return ""
+        if len(self.ranks) > 2 and self.block_ranks:  # a rank per module: its range and the mean per block
+            per_block = " ".join(f"{slot} {r:.1f}" for slot, r in self.block_ranks.items())
+            return f"rank {min(self.ranks)}–{max(self.ranks)} (mean per block {per_block})"
         return "rank " + "/".join(map(str, sorted(self.ranks)))
 
 
@@ -130,4 +137,16 @@ def inspect_adapter(adapter: Adapter) -> AdapterReport:
         unet_other=sum(1 for p in unet if block_of(p) is None), te_modules=len(modules) - len(unet),
         unmapped=tuple(adapter.unmapped), dora=any(m.dora_scale is not None for m in modules.values()),
         trigger=adapter.trigger, stock_differs=sum(m.dora_norm == "adapted" for m in modules.values()),
-        training=training_summary(adapter.metadata))
+        training=training_summary(adapter.metadata), block_ranks=_block_ranks(adapter))
+
+
+def _block_ranks(adapter: Adapter) -> dict[str, float]:
+    """Mean rank per attention block (SDXL order) when the file's modules differ in rank; else empty."""
+    if len({m.rank for m in adapter.modules.values()}) < 2:
+        return {}
+    ranks: dict[str, list[int]] = {}
+    for path, module in adapter.modules.items():
+        block = block_of(path)
+        if block is not None and module.rank:
+            ranks.setdefault(block.slot, []).append(module.rank)
+    return {b.slot: sum(ranks[b.slot]) / len(ranks[b.slot]) for b in adapter.blocks() if b.slot in ranks}

@@ -27,7 +27,8 @@ BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
     "content+style+layout": ("content", "style", "layout"),
     "custom": (),
 }
-ALGORITHMS = ("LoRA", "DoRA")
+ALGORITHMS = ("LoRA", "DoRA", "LoKr", "LoHa", "AdaLoRA")  # how each trains: blora.algorithms
+LYCORIS_ALGORITHMS = ("LoKr", "LoHa")
 OPTIMIZERS = ("AdamW", "SGD")
 TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -69,6 +70,12 @@ class TrainConfig:
     save_every: checkpoint period in steps (0: only at the end). seeds: B-LoRAs trained at once, initialised from
     seed, seed + 1, … (``blora.host.train_seeds``); seed_draws: their timesteps and noise: ``shared`` (those of seed)
     or ``own`` (seed + n).
+    LyCORIS (LoKr, LoHa): dora_wd adds DoRA's magnitude (input axis); lokr_factor splits dimensions for the
+    Kronecker product (-1: most balanced), lokr_decompose_both factors w1 too, lokr_full_matrix keeps both factors
+    full. AdaLoRA: rank is the initial rank, adalora_target_rank the average rank at the end (0: half the rank);
+    adalora_warmup and adalora_final are the fractions of steps at the initial and the target budget,
+    adalora_interval the steps between maskings, adalora_orth_reg the weight of the orthogonality regulariser
+    (PEFT's default: 0.5).
     """
 
     blocks: str = "content+style"
@@ -99,6 +106,15 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seeds: int = 1
     seed_draws: str = "shared"
+    dora_wd: bool = False
+    lokr_factor: int = -1
+    lokr_decompose_both: bool = False
+    lokr_full_matrix: bool = False
+    adalora_target_rank: int = 0
+    adalora_warmup: float = 0.1
+    adalora_final: float = 0.2
+    adalora_interval: int = 10
+    adalora_orth_reg: float = 0.5
 
     def __post_init__(self) -> None:
         problems = [
@@ -119,11 +135,37 @@ class TrainConfig:
         if self.blocks == "custom" and not self.layer_filter.strip():
             problems.append("`layer_filter` is required with blocks 'custom' (a regex over module paths such as "
                             f"{EXAMPLE_PATH!r}), got ''.")
+        problems += self._algorithm_problems()
         if not all(0.0 <= b < 1.0 for b in self.betas):
             problems.append(f"`betas` should be two numbers in [0, 1), got {self.betas!r}.")
         problems = [p for p in problems if p]
         if problems:
             raise BLoRAError("invalid training settings: " + " ".join(problems))
+
+    def _algorithm_problems(self) -> list[str | None]:
+        problems = [_at_least("adalora_interval", self.adalora_interval, 1),
+                    _at_least("adalora_target_rank", self.adalora_target_rank, 0),
+                    _at_least("adalora_orth_reg", self.adalora_orth_reg, 0.0)]
+        if self.dora_wd and self.algorithm not in LYCORIS_ALGORITHMS:
+            problems.append(f"`dora_wd` applies to {' and '.join(LYCORIS_ALGORITHMS)} (for LoRA choose algorithm "
+                            f"DoRA), got algorithm {self.algorithm!r}.")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            problems.append(f"`lokr_factor` should be -1 (most balanced split) or a positive number, got "
+                            f"{self.lokr_factor!r}.")
+        if self.algorithm == "AdaLoRA":
+            if self.adalora_target_rank > self.rank:
+                problems.append(f"`adalora_target_rank` should be between 1 and rank ({self.rank}) (0: half the "
+                                f"rank), got {self.adalora_target_rank!r}.")
+            if not (0.0 <= self.adalora_warmup and 0.0 <= self.adalora_final
+                    and self.adalora_warmup + self.adalora_final < 1.0):
+                problems.append(f"`adalora_warmup` and `adalora_final` should be fractions of the steps adding up to "
+                                f"less than 1, got {self.adalora_warmup!r} and {self.adalora_final!r}.")
+        return problems
+
+    @property
+    def adalora_target(self) -> int:
+        """AdaLoRA's target average rank: adalora_target_rank, or half the rank (at least 1) when it is 0."""
+        return self.adalora_target_rank or max(1, self.rank // 2)
 
     @property
     def scale(self) -> float:
@@ -231,12 +273,12 @@ def diffusion_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def param_groups(adapters: Mapping[str, torch.nn.Module], config: TrainConfig) -> list[dict]:
-    """Optimizer groups: down matrices (and DoRA magnitudes) at the learning rate, up matrices at
-    ``loraplus_ratio`` times it (LoRA+). adapters: module path -> TrainableLoRA."""
+    """Optimizer groups: every parameter at the learning rate, but the factors that start at zero (LoRA's up, an
+    adapter's ``plus`` names) at ``loraplus_ratio`` times it (LoRA+). adapters: module path -> Trainable."""
     base, up = [], []
     for path in sorted(adapters):
         for name, p in adapters[path].named_parameters():
-            (up if name == "up" else base).append(p)
+            (up if name in adapters[path].plus else base).append(p)
     return [{"params": base, "lr": config.learning_rate, "name": "down"},
             {"params": up, "lr": config.learning_rate * config.loraplus_ratio, "name": "up"}]
 

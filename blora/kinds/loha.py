@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .base import Kind, Tensors, mm, register, tucker
+from .trainable import Trainable, initial_magnitude
 
 NAMES = ("w1a", "w1b", "w2a", "w2b")
 
@@ -36,6 +37,8 @@ class LoHa(Kind):
                   and t["w1a"].shape[1] == t["w2a"].shape[1] and t["w1b"].shape[1] == t["w2b"].shape[1])
             return None if ok else (f"LoHa Tucker factors t1 {tuple(t1.shape)}, t2 {tuple(t2.shape)}, "
                                     f"w1a/w1b/w2a/w2b {shapes} have inconsistent shapes")
+        if any(t[n].ndim != 2 for n in NAMES):
+            return f"LoHa factors w1a/w1b/w2a/w2b must be 2-D matrices, found shapes {shapes}"
         ok = (t["w1a"].shape[1] == t["w1b"].shape[0] and t["w2a"].shape[1] == t["w2b"].shape[0]
               and t["w1a"].shape[0] == t["w2a"].shape[0] and t["w1b"].shape[1:] == t["w2b"].shape[1:])
         return None if ok else f"LoHa factors w1a/w1b/w2a/w2b have inconsistent shapes {shapes}"
@@ -49,3 +52,22 @@ class LoHa(Kind):
         if "t1" in t:
             return tucker(t["t1"], t["w1a"], t["w1b"]) * tucker(t["t2"], t["w2a"], t["w2b"])
         return mm(t["w1a"], t["w1b"]) * mm(t["w2a"], t["w2b"])
+
+
+class TrainableLoHa(Trainable):
+    """LoHa of one Linear weight (out, in) with LyCORIS's initialisation (``LohaModule``): w1a ~ N(0, 0.1²),
+    w1b ~ N(0, 1), w2a = 0, w2b ~ N(0, 1), so ΔW = 0 at the start; scale alpha/rank. DoRA: input-axis magnitude."""
+
+    kind = LoHa.name
+    plus = ("w2a",)
+
+    @classmethod
+    def create(cls, weight: torch.Tensor, rank: int, scale: float, dora: bool,
+               generator: torch.Generator) -> "TrainableLoHa":
+        out_features, in_features = weight.shape
+        tensors = {"w1a": torch.randn(out_features, rank, generator=generator) * 0.1,
+                   "w1b": torch.randn(rank, in_features, generator=generator),
+                   "w2a": torch.zeros(out_features, rank),
+                   "w2b": torch.randn(rank, in_features, generator=generator)}
+        magnitude = initial_magnitude(weight) if dora else None
+        return cls({n: t.to(weight.device) for n, t in tensors.items()}, scale, magnitude)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Kind, Tensors, mm, register, tucker
+from .base import KINDS, Kind, Tensors, mm, register, tucker
+from .trainable import Trainable, initial_magnitude, kaiming_uniform
 
 
 @register
@@ -27,7 +28,11 @@ class LoKr(Kind):
     def check(self, t: Tensors) -> str | None:
         for f, a, b in (("w1", "w1a", "w1b"), ("w2", "w2a", "w2b")):
             if f in t:
+                if t[f].ndim not in ((2,) if f == "w1" else (2, 4)):
+                    return f"LoKr {f} of shape {tuple(t[f].shape)} is not a matrix"
                 continue
+            if any(n in t and t[n].ndim != 2 for n in (a, b)):
+                return f"LoKr {a}/{b} must be 2-D matrices, found {[tuple(t[n].shape) for n in (a, b) if n in t]}"
             if not (a in t and b in t):
                 return f"LoKr needs {f} or both {a} and {b} with matching rank"
             if f == "w2" and "t2" in t:
@@ -53,3 +58,59 @@ class LoKr(Kind):
         if w2.ndim == 4:
             w1 = w1[..., None, None]
         return torch.kron(w1.contiguous(), w2.contiguous())
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """(m, n), m <= n, m · n = dimension, as LyCORIS splits a dimension for LoKr: with ``factor`` > 0 dividing it,
+    (factor, dimension / factor) sorted; otherwise the most balanced split whose smaller part is <= factor (any
+    size for factor -1), e.g. 128 -> (8, 16), 320 -> (16, 20), 640 -> (20, 32), 1280 -> (32, 40)."""
+    if factor > 0 and dimension % factor == 0:
+        return min(factor, dimension // factor), max(factor, dimension // factor)
+    limit = dimension if factor < 0 else factor
+    m, n = 1, dimension
+    while m < n:
+        nxt = m + 1
+        while dimension % nxt:
+            nxt += 1
+        if nxt + dimension // nxt > m + n or nxt > limit:
+            break
+        m, n = nxt, dimension // nxt
+    return min(m, n), max(m, n)
+
+
+class TrainableLoKr(Trainable):
+    """LoKr of one Linear weight (out, in) = (out_l·out_k, in_m·in_n) with LyCORIS's layout and initialisation
+    (``LokrModule``): out and in split by ``factorization(·, factor)``; w1 (out_l, in_m) full, or w1a @ w1b with
+    ``decompose_both`` when rank < max(out_l, in_m)/2; w2 (out_k, in_n) as w2a @ w2b when rank < max(out_k, in_n)/2,
+    else full (LyCORIS's automatic full matrix; ``full_matrix`` forces both full). Init: w1 (or w1a, w1b) and w2a
+    kaiming-uniform(a=sqrt(5)), w2b (or a full w2) zero, so ΔW = 0 at the start. Scale alpha/rank, or 1 when both
+    factors are full (alpha is then ignored by ComfyUI and LyCORIS alike)."""
+
+    kind = LoKr.name
+    plus = ("w2b", "w2")
+
+    @classmethod
+    def create(cls, weight: torch.Tensor, rank: int, scale: float, dora: bool, generator: torch.Generator,
+               factor: int = -1, decompose_both: bool = False, full_matrix: bool = False) -> "TrainableLoKr":
+        out_features, in_features = weight.shape
+        out_l, out_k = factorization(out_features, factor)
+        in_m, in_n = factorization(in_features, factor)
+        tensors: dict[str, torch.Tensor] = {}
+        if decompose_both and not full_matrix and rank < max(out_l, in_m) / 2:
+            tensors["w1a"] = kaiming_uniform(out_l, rank, generator)
+            tensors["w1b"] = kaiming_uniform(rank, in_m, generator)
+        else:
+            tensors["w1"] = kaiming_uniform(out_l, in_m, generator)
+        if not full_matrix and rank < max(out_k, in_n) / 2:
+            tensors["w2a"] = kaiming_uniform(out_k, rank, generator)
+            tensors["w2b"] = torch.zeros(rank, in_n)
+        else:
+            tensors["w2"] = torch.zeros(out_k, in_n)
+        module_scale = scale if KINDS[LoKr.name].rank(tensors) else 1.0
+        magnitude = initial_magnitude(weight) if dora else None
+        return cls({n: t.to(weight.device) for n, t in tensors.items()}, module_scale, magnitude)
+
+    @property
+    def stored_alpha(self) -> float:
+        """scale · rank; 1 when both factors are full (no rank: ComfyUI and LyCORIS ignore it, scale 1)."""
+        return self.scale * self.rank if self.rank else 1.0

@@ -9,8 +9,8 @@ import torch
 
 from ..errors import BLoRAError
 from .base import Kind, LowRank, ModuleAdapter, Tensors, register
+from .trainable import DORA_EPS, Trainable, column_norm, initial_magnitude  # noqa: F401
 
-DORA_EPS = torch.finfo(torch.float32).eps
 # How a fresh adapter's down matrix is drawn (up always starts at zero, so W' = W at step 0):
 #   gaussian: normal, std 1/rank (the original B-LoRA training: diffusers LoRALinearLayer, PEFT
 #             init_lora_weights="gaussian");
@@ -50,11 +50,11 @@ class LoRA(Kind):
 
     def check(self, t: Tensors) -> str | None:
         down, up = t["down"], t["up"]
-        if down.shape[0] != up.shape[1]:
-            return f"rank mismatch: down {tuple(down.shape)}, up {tuple(up.shape)}"
         if down.ndim not in (2, 4) or up.ndim != down.ndim:
             return (f"lora down {tuple(down.shape)} and up {tuple(up.shape)} are not 2-D (linear) or 4-D (conv) "
                     f"alike")
+        if down.shape[0] != up.shape[1]:
+            return f"rank mismatch: down {tuple(down.shape)}, up {tuple(up.shape)}"
         if "mid" in t and (t["mid"].ndim != 4 or tuple(t["mid"].shape[:2]) != (down.shape[0], down.shape[0])):
             return f"lora mid {tuple(t['mid'].shape)} is not a (r, r, kh, kw) core for rank {down.shape[0]}"
         return None
@@ -88,37 +88,19 @@ class LoRA(Kind):
         return abs(scale) * self.rank(t) * float(t["up"].abs().amax()) * float(t["down"].abs().amax())
 
 
-def column_norm(weight: torch.Tensor) -> torch.Tensor:
-    """||W||_col: the norm over the output axis of each input column, (out, in) -> (1, in), float32."""
-    return weight.float().norm(dim=0, keepdim=True)
+class TrainableLoRA(Trainable):
+    """LoRA (or DoRA with a magnitude) of one Linear weight, as a weight function W -> W' (``Trainable``):
+    W' = W + scale · up @ down. down: (r, in) as ``initial_down`` draws it; up: (out, r) zeros; magnitude: (1, in)
+    for DoRA (the column norm of W plus eps, so W' = W at the start)."""
 
-
-def dora_forward(merged: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """m * W' / (||W'||_col + eps), the norm a constant in backward (DoRA paper, PEFT); stock ComfyUI renders
-    a (1, in) ``dora_scale`` with exactly this formula (``weight_decompose``)."""
-    return merged * (magnitude / (column_norm(merged).detach() + DORA_EPS))
-
-
-class TrainableLoRA(torch.nn.Module):
-    """The trainable adapter of one Linear weight, as a weight function ``W -> W'`` (W: (out, in)):
-        LoRA: W' = W + scale * up @ down
-        DoRA: W' = m * (W + scale * up @ down) / (||W + scale * up @ down||_col + eps), m: (1, in)
-    The DoRA form is the input-axis one stock ComfyUI renders from a ``dora_scale`` of shape (1, in)
-    (``comfy.weight_adapter.base.weight_decompose``): column norms over the output axis, eps = float32 eps, all
-    in float32; as in the DoRA paper (and PEFT) the norm is a constant in backward.
-
-    down: (r, in) as ``initial_down`` draws it; up: (out, r) zeros; magnitude: (1, in)
-    for DoRA (the column norm of W plus eps, so W' = W at the start). Parameters are float32."""
+    kind = LoRA.name
+    plus = ("up",)
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, magnitude: torch.Tensor | None = None):
-        super().__init__()
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
             raise BLoRAError(f"trainable LoRA needs down (r, in) and up (out, r), got {tuple(down.shape)} and "
                              f"{tuple(up.shape)}")
-        self.down = torch.nn.Parameter(down.detach().float().clone())
-        self.up = torch.nn.Parameter(up.detach().float().clone())
-        self.magnitude = None if magnitude is None else torch.nn.Parameter(magnitude.detach().float().clone())
-        self.scale = float(scale)
+        super().__init__({"down": down, "up": up}, scale, magnitude)
 
     @classmethod
     def create(cls, weight: torch.Tensor, rank: int, scale: float, dora: bool,
@@ -127,46 +109,21 @@ class TrainableLoRA(torch.nn.Module):
         out_features, in_features = weight.shape
         down = initial_down(rank, in_features, init, generator)
         up = torch.zeros(out_features, rank)
-        magnitude = column_norm(weight) + DORA_EPS if dora else None
+        magnitude = initial_magnitude(weight) if dora else None
         dev = weight.device
         return cls(down.to(dev), up.to(dev), scale, None if magnitude is None else magnitude.to(dev))
 
     @classmethod
     def from_module(cls, module: ModuleAdapter) -> "TrainableLoRA":
-        """Continue training a saved ``lora`` ModuleAdapter: scale as the file renders it (stored alpha / rank)."""
-        if module.kind != LoRA.name or "mid" in module.tensors:
+        """Continue training a saved ``lora`` module: scale as the file renders it (stored alpha / rank)."""
+        if module.kind != cls.kind or "mid" in module.tensors:
             raise BLoRAError(f"only plain LoRA modules can be trained further, got {module.kind}")
-        ds = module.dora_scale
-        if ds is not None and (ds.ndim != 2 or ds.shape[0] != 1):
-            raise BLoRAError(f"DoRA magnitude of shape {tuple(ds.shape)} cannot be trained further: expected the "
-                             f"input-axis form (1, in)")
-        return cls(module.tensors["down"], module.tensors["up"], module.scale, ds)
+        return super().from_module(module)
 
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
+    @classmethod
+    def build(cls, tensors, scale: float, magnitude: torch.Tensor | None = None) -> "TrainableLoRA":
+        return cls(tensors["down"], tensors["up"], scale, magnitude)
 
     def delta(self) -> torch.Tensor:
         """scale * up @ down, (out, in), float32."""
         return self.scale * (self.up @ self.down)
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        merged = weight.float() + self.delta()
-        if self.magnitude is not None:
-            merged = dora_forward(merged, self.magnitude)
-        return merged.to(weight.dtype)
-
-    def export(self, alpha: float, dtype: torch.dtype = torch.float32) -> ModuleAdapter:
-        """The trained module as a ``lora`` ModuleAdapter (detached copies in ``dtype``); ``alpha`` is the stored
-        alpha (scale * rank)."""
-        tensors = {"down": self.down.detach().to(dtype).clone(), "up": self.up.detach().to(dtype).clone()}
-        ds = None if self.magnitude is None else self.magnitude.detach().to(dtype).clone()
-        return ModuleAdapter(LoRA.name, tensors, alpha=float(alpha), dora_scale=ds)
-
-    # The host's weight-function protocol (ModelPatcher moves weight functions with the model).
-    def move_to(self, device: torch.device) -> int:
-        self.to(device)
-        return self.passive_memory_usage()
-
-    def passive_memory_usage(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())

@@ -45,10 +45,11 @@ def test_defaults_are_the_paper_recipe():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("blocks", "everything"), ("rank", 0), ("alpha", 0.0), ("alpha", float("nan")), ("algorithm", "LoHa"),
+    ("blocks", "everything"), ("rank", 0), ("alpha", 0.0), ("alpha", float("nan")), ("algorithm", "IA3"),
     ("learning_rate", -1e-4), ("loraplus_ratio", 0.0), ("optimizer", "Adam"), ("weight_decay", -0.1),
     ("steps", 0), ("batch_size", 0), ("grad_accumulation", 0), ("resolution", 32), ("seed", -1),
     ("training_dtype", "fp8"), ("save_every", -5), ("layer_filter", "attn[12"), ("eps", 0.0),
+    ("adalora_interval", 0), ("adalora_orth_reg", -0.5), ("lokr_factor", 0), ("adalora_target_rank", -1),
 ])
 def test_config_refuses_naming_field_and_value(field, value):
     with pytest.raises(BLoRAError) as e:
