@@ -40,8 +40,11 @@ def _inputs() -> list:
         io.Float.Input("alpha", default=d.alpha, min=0.01, max=4096.0, step=0.5,
                        tooltip="LoRA alpha; scale alpha/rank (alpha/sqrt(rank) with rslora). The paper: alpha = rank."),
         io.Combo.Input("algorithm", options=list(ALGORITHMS), default=d.algorithm,
-                       tooltip="LoRA, or DoRA (adds a magnitude per input column; saved as a (1, in) dora_scale "
-                               "that stock ComfyUI renders exactly)."),
+                       tooltip="LoRA; DoRA (adds a magnitude per input column; saved as a (1, in) dora_scale that "
+                               "stock ComfyUI renders exactly); LoKr and LoHa (LyCORIS: smaller files, often "
+                               "recommended for style; see the lokr_ options and dora_wd); AdaLoRA (SVD-form "
+                               "adapters whose rank moves to the layers that need it, from rank down to "
+                               "adalora_target_rank on average; saved as plain LoRA with a rank per layer)."),
         io.Boolean.Input("rslora", default=d.rslora,
                          tooltip="Rank-stabilised scale alpha/sqrt(rank); the file stores alpha*sqrt(rank)."),
         io.Float.Input("learning_rate", default=d.learning_rate, min=1e-7, max=1.0, step=1e-6, round=False,
@@ -98,6 +101,39 @@ def _inputs() -> list:
                        tooltip="With seeds > 1: shared: every seed trains on the timesteps and noise of `seed` (the "
                                "layers below the first trained block then run once for all seeds: faster). own: "
                                "seed+n draws its own, exactly as a run with that seed alone."),
+        *_algorithm_inputs(d),  # last: UI workflows keep widget values by position
+    ]
+
+
+def _algorithm_inputs(d: TrainConfig) -> list:
+    """Options of one algorithm each (optional and last, so workflows saved before them still run with the
+    defaults)."""
+    return [
+        io.Boolean.Input("dora_wd", default=d.dora_wd, optional=True,
+                         tooltip="LoKr/LoHa only: add DoRA's magnitude on top (LyCORIS dora_wd), on the input axis: "
+                                 "a (1, in) dora_scale that stock ComfyUI renders exactly (LyCORIS: wd_on_out=False)."),
+        io.Int.Input("lokr_factor", default=d.lokr_factor, min=-1, max=1024, optional=True,
+                     tooltip="LoKr: how each dimension is split for the Kronecker product (LyCORIS factor). -1 = "
+                             "most balanced split (e.g. 1280 -> 32 x 40); a small factor (4, 8) gives a small "
+                             "first factor and more trainable weights in the second."),
+        io.Boolean.Input("lokr_decompose_both", default=d.lokr_decompose_both, optional=True,
+                         tooltip="LoKr: factor the small Kronecker matrix (w1) at rank too, not only w2 (fewer "
+                                 "weights; LyCORIS decompose_both)."),
+        io.Boolean.Input("lokr_full_matrix", default=d.lokr_full_matrix, optional=True,
+                         tooltip="LoKr: keep both Kronecker factors full (no rank; alpha is ignored). LyCORIS also "
+                                 "switches to a full w2 on its own when rank is at least half its size."),
+        io.Int.Input("adalora_target_rank", default=d.adalora_target_rank, min=0, max=1024, optional=True,
+                     tooltip="AdaLoRA: the average rank per layer at the end (rank is the initial rank; 0 = half of "
+                             "it); the total budget goes to the layers whose triplets score as most important."),
+        io.Float.Input("adalora_warmup", default=d.adalora_warmup, min=0.0, max=0.99, step=0.05, optional=True,
+                       tooltip="AdaLoRA: fraction of the steps trained at the initial rank before pruning starts."),
+        io.Float.Input("adalora_final", default=d.adalora_final, min=0.0, max=0.99, step=0.05, optional=True,
+                       tooltip="AdaLoRA: fraction of the steps (at the end) trained at the target budget, the "
+                               "rank pattern fixed."),
+        io.Int.Input("adalora_interval", default=d.adalora_interval, min=1, max=10000, optional=True,
+                     tooltip="AdaLoRA: steps between two reallocations of the budget while it falls."),
+        io.Float.Input("adalora_orth_reg", default=d.adalora_orth_reg, min=0.0, max=10.0, step=0.05, optional=True,
+                       tooltip="AdaLoRA: weight of the regulariser that keeps P and Q orthogonal (PEFT: 0.5)."),
     ]
 
 
@@ -134,8 +170,10 @@ class BLoRATrain(io.ComfyNode):
             return _train_seeds(model, vae, images, positive, config, filename_prefix, resume, cls.hidden.unique_id)
         out = train_blora(model, vae, images, positive, config, filename_prefix=filename_prefix, resume=resume,
                           node_id=cls.hidden.unique_id)
-        return io.NodeOutput(out.model, out.adapter, loss_map(out.losses),
-                             ui={"loss": out.losses, "elapsed": [out.elapsed]})
+        ui = {"loss": out.losses, "elapsed": [out.elapsed]}
+        if config.algorithm == "AdaLoRA":
+            ui["ranks"] = [out.ranks]
+        return io.NodeOutput(out.model, out.adapter, loss_map(out.losses), ui=ui)
 
 
 

@@ -8,7 +8,6 @@ weight wrappers, loaded through ``comfy.model_management.load_models_gpu``; the 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +16,9 @@ import comfy.model_management
 import torch
 
 from ..adapter import Adapter, check_fits
-from ..errors import BLoRAError
-from ..kinds.lora import LoRA, TrainableLoRA
+from ..algorithms import check_resume, export, new_adapters, rank_allocator, resumed_adapters
+from ..blocks import block_of
+from ..kinds.trainable import Trainable
 from ..loss_history import losses_in
 from ..training import TrainConfig, make_optimizer, select_targets
 from .dynamic_vram import is_dynamic, restream_weights, training_flag
@@ -36,13 +36,15 @@ LOAD_ALL_MEMORY = 1e20  # ask load_models_gpu to free everything else: training 
 @dataclass
 class TrainOutcome:
     """model: the input model's clone with the trained adapter at strength 1; adapter: the trained B-LoRA;
-    losses: one per step; path: the file written; elapsed: seconds spent in the loop."""
+    losses: one per step; path: the file written; elapsed: seconds spent in the loop; ranks: LBW slot -> mean rank
+    per module of the trained blocks (AdaLoRA moves rank between modules)."""
 
     model: Any
     adapter: Adapter
     losses: list[float]
     path: str
     elapsed: float
+    ranks: dict[str, float]
 
 
 def linear_paths(model) -> list[str]:
@@ -50,39 +52,27 @@ def linear_paths(model) -> list[str]:
     return [n for n, m in model.model.diffusion_model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def _check_resume(resume: Adapter, targets: list[str], config: TrainConfig, shapes) -> None:
-    """A resumed file must hold exactly the selected modules, as LoRA of the configured rank, alpha and kind."""
-    name = resume.source or "resume_from"
-    check_fits(resume, shapes)
-    if set(resume.modules) != set(targets):
-        missing, extra = sorted(set(targets) - set(resume.modules)), sorted(set(resume.modules) - set(targets))
-        raise BLoRAError(f"{name}: holds {len(resume.modules)} modules, blocks {config.blocks!r} select "
-                         f"{len(targets)} (missing {missing[:3]}, extra {extra[:3]}): use the blocks and "
-                         f"layer_filter it was trained with")
-    for path, m in resume.modules.items():
-        dora = m.dora_scale is not None
-        alpha = m.alpha if m.alpha is not None else m.rank
-        if m.kind != LoRA.name or m.rank != config.rank or dora != (config.algorithm == "DoRA") or \
-                not math.isclose(alpha, config.stored_alpha, rel_tol=1e-3):
-            raise BLoRAError(f"{name} (module {path!r}): {m.kind} rank {m.rank}, stored alpha {alpha:g}, "
-                             f"{'DoRA' if dora else 'LoRA'}; the node asks for LoRA rank {config.rank}, stored "
-                             f"alpha {config.stored_alpha:g}, {config.algorithm}: set rank, alpha, rslora and "
-                             f"algorithm as the file was trained")
+def _target_weights(model, targets: list[str], device=None) -> dict[str, torch.Tensor]:
+    unet = model.model.diffusion_model
+    return {p: unet.get_submodule(p).weight if device is None else unet.get_submodule(p).weight.to(device)
+            for p in targets}
 
 
-def _new_adapters(model, targets: list[str], config: TrainConfig, resume: Adapter | None) -> dict[str, TrainableLoRA]:
-    unet, device = model.model.diffusion_model, model.load_device
+def _new_adapters(model, targets: list[str], config: TrainConfig, resume: Adapter | None) -> dict[str, Trainable]:
+    device = model.load_device
     if resume is not None:
-        return {p: TrainableLoRA.from_module(resume.modules[p]).to(device) for p in targets}
-    generator = torch.Generator().manual_seed(config.seed)
-    return {p: TrainableLoRA.create(unet.get_submodule(p).weight.to(device), config.rank, config.scale,
-                                    config.algorithm == "DoRA", generator, config.init) for p in targets}
+        return resumed_adapters(resume, device, config)
+    return new_adapters(_target_weights(model, targets, device), config)
 
 
-def _export(adapters: dict[str, TrainableLoRA], config: TrainConfig) -> Adapter:
-    dtype = save_dtype(config)
-    return Adapter(modules={p: a.export(a.scale * a.rank, dtype) for p, a in sorted(adapters.items())},
-                   dialect="kohya")
+def block_ranks(targets: list[str], adapter: Adapter) -> dict[str, float]:
+    """LBW slot -> mean rank of the targets in that block (a module the file leaves out counts as 0)."""
+    ranks: dict[str, list[int]] = {}
+    for path in targets:
+        block = block_of(path)
+        module = adapter.modules.get(path)
+        ranks.setdefault(block.slot if block else "other", []).append(module.rank if module is not None else 0)
+    return {slot: sum(r) / len(r) for slot, r in ranks.items()}
 
 
 def _fit(model, adapters, samples, schedule: ModelSchedule, config: TrainConfig, node_id, on_checkpoint,
@@ -97,7 +87,7 @@ def _fit(model, adapters, samples, schedule: ModelSchedule, config: TrainConfig,
                        torch.amp.GradScaler(clone.load_device.type, enabled=config.training_dtype == "fp16"),
                        dict(clone.model_options.get("transformer_options", {})),
                        base.manual_cast_dtype or base.get_dtype(), clone.load_device, steps_before,
-                       latent_format=base.latent_format)
+                       latent_format=base.latent_format, allocator=rank_allocator(adapters, config))
     try:
         with frozen_aliases(unet), checkpointed(grad_region(unet, list(adapters)), config.gradient_checkpointing), \
                 torch.enable_grad(), training_flag():
@@ -115,7 +105,8 @@ def train_blora(model, vae, images, positive, config: TrainConfig, filename_pref
     schedule = model_schedule(model)
     targets = select_targets(linear_paths(model), config)
     if resume is not None:
-        _check_resume(resume, targets, config, model_weight_shapes(model))
+        check_fits(resume, model_weight_shapes(model))
+        check_resume(resume, _target_weights(model, targets), config)
     check_prefix(filename_prefix)
     samples = prepare_samples(model, vae, images, positive, config.resolution, config.flip,
                               batch_size=config.batch_size, random_crop=config.random_crop,
@@ -125,9 +116,10 @@ def train_blora(model, vae, images, positive, config: TrainConfig, filename_pref
     losses_before = losses_in(resume.metadata) if resume is not None else []
     base = base_model_fingerprint(model)
 
-    def save(adapters: dict[str, TrainableLoRA], filename: str, done: int, losses: list[float]) -> Adapter:
+    def save(adapters: dict[str, Trainable], filename: str, done: int, losses: list[float]) -> Adapter:
         meta = train_metadata(config, steps_before + done, base, schedule.prediction, losses_before + losses)
-        return write_trained(_export(adapters, config), target, filename, meta)
+        exported = Adapter(modules=export(adapters, save_dtype(config)), dialect="kohya")
+        return write_trained(exported, target, filename, meta)
 
     with torch.inference_mode(False):
         adapters = _new_adapters(model, targets, config, resume)
@@ -138,4 +130,5 @@ def train_blora(model, vae, images, positive, config: TrainConfig, filename_pref
         adapter = save(adapters, target.final, config.steps, losses)
     log.info("B-LoRA trained: %d steps in %.1fs, final loss %.4g, saved %s", config.steps, elapsed, losses[-1],
              adapter.source)
-    return TrainOutcome(patched_clone(model, [(adapter, 1.0)]), adapter, losses, adapter.source, elapsed)
+    return TrainOutcome(patched_clone(model, [(adapter, 1.0)]), adapter, losses, adapter.source, elapsed,
+                        block_ranks(targets, adapter))

@@ -14,8 +14,9 @@ import comfy.utils
 import latent_preview
 import torch
 
+from ..adalora import RankAllocator
 from ..errors import BLoRAError
-from ..trainable import TrainableLoRA
+from ..kinds.trainable import Trainable
 from ..train_dataset import sample_bucketed_batch
 from ..training import (TrainConfig, diffusion_loss, sample_flips, sample_noise, sample_timesteps, step_generator,
                         training_target)
@@ -35,7 +36,7 @@ class TrainState:
     unet: torch.nn.Module
     schedule: ModelSchedule
     samples: list[Sample]
-    adapters: dict[str, TrainableLoRA]
+    adapters: dict[str, Trainable]
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     transformer_options: dict
@@ -44,6 +45,7 @@ class TrainState:
     steps_before: int = 0
     latent_format: object | None = None
     denoised: torch.Tensor | None = None  # the last micro-batch's x0 estimate (first item), kept for previews
+    allocator: RankAllocator | None = None  # AdaLoRA: regulariser and rank budget
 
 
 def draw_batch(config: TrainConfig, schedule: ModelSchedule, samples: list[Sample], device: torch.device, seed: int,
@@ -75,12 +77,14 @@ def micro_loss(state: TrainState, draw: int) -> torch.Tensor:
 
 
 def train_step(state: TrainState, step: int) -> float:
-    """One optimizer step (gradient accumulation, grad-norm clip, LoRA+ groups); returns the mean loss."""
+    """One optimizer step (gradient accumulation, grad-norm clip, LoRA+ groups; AdaLoRA: its regulariser joins
+    the loss and its allocator runs after the step); returns the mean diffusion loss."""
     c, acc = state.config, state.config.grad_accumulation
     total = 0.0
     for micro in range(acc):
         loss = micro_loss(state, (state.steps_before + step) * acc + micro)
-        state.scaler.scale(loss / acc).backward()
+        regulariser = state.allocator.regulariser() if state.allocator is not None else None
+        state.scaler.scale((loss if regulariser is None else loss + regulariser) / acc).backward()
         total += loss.item() / acc
     if not math.isfinite(total):
         raise BLoRAError(f"the loss became {total} at step {state.steps_before + step + 1}: lower the learning rate "
@@ -91,6 +95,8 @@ def train_step(state: TrainState, step: int) -> float:
         torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
     state.scaler.step(state.optimizer)
     state.scaler.update()
+    if state.allocator is not None:
+        state.allocator.update(step + 1)
     state.optimizer.zero_grad(set_to_none=True)
     return total
 

@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..adapter import Adapter
+from ..algorithms import kohya_metadata
 from ..files import write_adapter
 from ..loss_history import LOSS_KEY, encode_losses
 from ..training import SAVE_PRECISIONS, TrainConfig
@@ -63,7 +64,7 @@ def train_metadata(config: TrainConfig, steps_total: int, base: tuple[str, str],
         "blora.seed": str(config.seed), "blora.resolution": str(config.resolution),
         "blora.base_model": base[0], "blora.base_model_hash": base[1], "blora.prediction": prediction,
         "blora.version": pack_version(),
-        "ss_network_module": "networks.lora", "ss_network_dim": str(config.rank),
+        **kohya_metadata(config), "ss_network_dim": str(config.rank),
         "ss_network_alpha": repr(config.stored_alpha), "ss_base_model_version": "sdxl_base_v1-0",
         "ss_steps": str(steps_total), "ss_learning_rate": repr(config.learning_rate), "ss_seed": str(config.seed),
         "ss_resolution": str(config.resolution),

@@ -18,7 +18,7 @@ from typing import Iterator, Mapping
 import torch
 import torch.utils.checkpoint
 
-from ..trainable import TrainableLoRA
+from ..kinds.trainable import Trainable
 from .dynamic_vram import keep_weight_functions
 
 UNET_PREFIX = "diffusion_model."
@@ -28,7 +28,7 @@ def weight_key(path: str) -> str:
     return f"{UNET_PREFIX}{path}.weight"
 
 
-def trainable_clone(model, adapters: Mapping[str, TrainableLoRA], compute_dtype: torch.dtype | None):
+def trainable_clone(model, adapters: Mapping[str, Trainable], compute_dtype: torch.dtype | None):
     """A clone of ``model`` whose targeted weights go through their adapter (W -> adapter(W)) in every forward.
 
     compute_dtype: set as the clone's manual-cast dtype when it differs from the weights' dtype."""
@@ -69,7 +69,7 @@ def frozen_aliases(module: torch.nn.Module) -> Iterator[None]:
             owner._parameters[name] = p
 
 
-def strip_wrappers(module: torch.nn.Module, adapters: Mapping[str, TrainableLoRA]) -> None:
+def strip_wrappers(module: torch.nn.Module, adapters: Mapping[str, Trainable]) -> None:
     """Remove the adapters from the modules' weight functions (the host would on its next load; this makes sure
     no later call of the shared UNet runs them)."""
     ours = {id(a) for a in adapters.values()}

@@ -19,13 +19,14 @@ from blora_testkit.tiny_vae import tiny_vae
 
 from blora.errors import ArchitectureError, BLoRAError, UnsafePathError
 from blora.files import read_adapter
-from blora.trainable import TrainableLoRA
+from blora.trainable import Trainable, TrainableLoRA
 
 INPUTS = ["model", "vae", "images", "positive", "blocks", "layer_filter", "rank", "alpha", "algorithm", "rslora",
           "learning_rate", "loraplus_ratio", "optimizer", "weight_decay", "steps", "batch_size",
           "grad_accumulation", "resolution", "flip", "seed", "training_dtype", "gradient_checkpointing",
           "save_every", "filename_prefix", "resume_from", "init", "training_set", "random_crop", "color_jitter",
-          "save_precision", "seeds", "seed_draws"]
+          "save_precision", "seeds", "seed_draws", "dora_wd", "lokr_factor", "lokr_decompose_both", "lokr_full_matrix",
+          "adalora_target_rank", "adalora_warmup", "adalora_final", "adalora_interval", "adalora_orth_reg"]
 TARGET_KEY = re.compile(r"^diffusion_model\.output_blocks\.[01]\.1\.transformer_blocks\.\d+\.attn[12]\."
                         r"(to_q|to_k|to_v|to_out\.0)\.weight$")
 FAST = dict(blocks="content+style", layer_filter="", rank=4, alpha=4.0, algorithm="LoRA", rslora=False,
@@ -94,7 +95,7 @@ def assert_untouched(model, before, sample_before):
     assert all(torch.equal(v, state[k]) for k, v in model.model.state_dict().items())
     for m in unet.modules():
         assert "forward" not in m.__dict__, "a training forward override was left on the UNet"
-        assert not any(isinstance(f, TrainableLoRA) for f in getattr(m, "weight_function", []))
+        assert not any(isinstance(f, Trainable) for f in getattr(m, "weight_function", []))
     assert torch.equal(sample(model), sample_before)
 
 

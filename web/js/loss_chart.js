@@ -44,6 +44,7 @@ export class LossChart {
     this.preview = null; // {filename, subfolder, type}
     this.running = false;
     this.stopped = false; // the run ended without the node's output (error or cancel)
+    this.ranks = null; // AdaLoRA: {slot: mean rank per layer} of the finished run
   }
 
   /** A run of this node started: forget the previous one. */
@@ -72,8 +73,10 @@ export class LossChart {
     this.stopped = true;
   }
 
-  /** The finished run from the node's UI output (`loss`: one float per step); keeps the live timing if any. */
-  finish(losses, elapsed, seedLosses = null, seeds = null) {
+  /** The finished run from the node's UI output (`loss`: one float per step; `ranks`: AdaLoRA's final mean rank
+   *  per block); keeps the live timing if any. */
+  finish(losses, elapsed, seedLosses = null, seeds = null, ranks = null) {
+    this.ranks = ranks && typeof ranks === "object" ? ranks : null;
     const sameRun = this.points.length === losses.length;
     this.points = losses.map((loss, i) => ({ step: i + 1, loss }));
     this.seedLosses = Array.isArray(seedLosses) ? seedLosses.map((a) => a.map(Number)) : [];
@@ -115,6 +118,9 @@ export class LossChart {
     else if (this.stopped) parts.push("stopped");
     else if (this.elapsed) parts.push(`took ${formatDuration(this.elapsed)}`);
     parts.push(`loss ${fmt(last)}`, `ema ${fmt(ema)}`);
+    if (this.ranks) {
+      parts.push("rank " + Object.entries(this.ranks).map(([slot, r]) => `${slot} ${Number(r).toFixed(1)}`).join(" "));
+    }
     return parts.join(" · ");
   }
 }

@@ -1,6 +1,7 @@
 // Train B-LoRA: a live loss chart on the node (raw loss + EMA), step counter, steps/s, ETA and the latest preview.
 // Driven by the server event `blora.train.progress` {node, step, steps, loss, elapsed, preview?} while the node
-// runs, and by the node's UI output `loss` (one float per step) when it finishes or is restored from history.
+// runs, and by the node's UI output `loss` (one float per step; AdaLoRA adds `ranks`, the final mean rank per
+// block) when it finishes or is restored from history.
 // State for tests and other extensions: node.bloraChart (a LossChart).
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
@@ -108,7 +109,8 @@ app.registerExtension({
     chain(proto, "onExecuted", function (output) {
       const losses = output?.loss;
       if (!Array.isArray(losses) || !this.bloraChart) return;
-      this.bloraChart.finish(losses.map(Number), Number(output.elapsed?.[0]), output.seed_losses, output.seeds);
+      this.bloraChart.finish(losses.map(Number), Number(output.elapsed?.[0]), output.seed_losses, output.seeds,
+        output.ranks?.[0] ?? null);
       this.bloraChartView.render();
     });
     chain(proto, "onRemoved", function () {
