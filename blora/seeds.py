@@ -25,6 +25,8 @@ def seeds_of(seed: int, count: int) -> list[int]:
 class SeedsLoRA(torch.nn.Module):
     """N LoRA adapters of one weight (out, in): down (N, r, in), up (N, out, r), float32, one scale."""
 
+    plus = TrainableLoRA.plus  # LoRA+ trains the up matrices faster (``training.param_groups``)
+
     def __init__(self, singles: Sequence[TrainableLoRA]):
         super().__init__()
         if not singles or any(s.magnitude is not None for s in singles):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import comfy.model_management
@@ -44,7 +44,7 @@ class TrainOutcome:
     losses: list[float]
     path: str
     elapsed: float
-    ranks: dict[str, float]
+    ranks: dict[str, float] = field(default_factory=dict)
 
 
 def linear_paths(model) -> list[str]:
