@@ -94,7 +94,11 @@ def test_fused_sampling_equals_the_reference_rule(tiny_model, fuse, loras, patte
     ref, logs = reference_model(tiny_model, subject, style, sc, ss, pattern)
     steps = 8
     ours, theirs = sample(fused, steps=steps, cfg=3.0), sample(ref, steps=steps, cfg=3.0)
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    # Float32 rounding only: the host adds strength*(up@down)*alpha/rank where the reference adds
+    # s*(up@down*alpha/rank), and 8 Euler steps at cfg 3 amplify the last-bit differences (1.7e-4 seen on one
+    # element of 256). A different choice at any layer moves the sample far more: the direct merge below must
+    # differ by over 100x this gap.
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=5e-4)
     switched = [p for p, log in logs.items() if len(set(log)) == 2]
     assert switched, "the fixture must make some layer switch inside the run"
     merged = sample(run_direct_merge(tiny_model, subject, style, sc, ss), steps=steps, cfg=3.0)
