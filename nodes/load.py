@@ -9,7 +9,7 @@ from ..blora.files import read_adapter
 from ..blora.inspect import inspect_adapter
 from ..blora.loss_history import loss_map, losses_in
 from .folders import adapter_files, adapter_path
-from .types import BLoRA
+from .types import BLoRA, intermediate_output
 
 
 def ui_report(adapter, report, lora_name: str) -> dict:
@@ -42,7 +42,8 @@ class BLoRALoader(io.ComfyNode):
                                               "file this pack trained, its steps and final loss."),
                      io.Custom("LOSS_MAP").Output(display_name="loss_map",
                                                   tooltip="The per-step loss a file this pack trained records "
-                                                          "(for Plot Loss Graph); empty for other files.")])
+                                                          "(for Plot Loss Graph); empty for other files.")],
+            **intermediate_output())
 
     @classmethod
     def fingerprint_inputs(cls, lora_name: str) -> tuple:

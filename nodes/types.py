@@ -7,6 +7,15 @@ BLoRA = io.Custom("BLORA")
 """A ``blora.Adapter``: modules keyed by canonical path, with source, dialect, metadata and trigger."""
 
 
+def intermediate_output() -> dict:
+    """Schema fields for a node whose UI output is part of what it shows (the loader's block map): on hosts whose
+    schema has ``has_intermediate_output`` (ComfyUI 0.33+), the host keeps that UI output when the node is cached,
+    sends it again and writes it to /history, as for an output node, without running the node for its own sake.
+    Older hosts (0.3.64) keep the UI output of cached nodes in /history by themselves."""
+    fields = getattr(io.Schema, "__dataclass_fields__", {})
+    return {"has_intermediate_output": True} if "has_intermediate_output" in fields else {}
+
+
 def strength(name: str, tooltip: str, default: float = 1.0) -> io.Float.Input:
     return io.Float.Input(name, default=default, min=-10.0, max=10.0, step=0.01, tooltip=tooltip)
 

@@ -11,8 +11,8 @@ import pytest
 if str(Path(__file__).parent) not in sys.path:
     sys.path.append(str(Path(__file__).parent))  # `ui_kit`, shared with make_thumbnails.py
 
-from ui_kit import (TINY_BLORA, UI_SETTINGS, example_workflows, input_images, launch, load_workflow,
-                    missing_browser_reason, new_page, open_ui, read_workflow, sample_image, stub_our_extensions)
+from ui_kit import (example_workflows, launch, load_workflow, missing_browser_reason, new_page, open_ui,
+                    prepare_ui_server, read_workflow, stub_our_extensions)
 
 BROWSER_REASON = missing_browser_reason()
 
@@ -27,21 +27,8 @@ def ui_server():
     if BROWSER_REASON:
         pytest.skip(BROWSER_REASON)
     with ComfyServer() as server:
-        status, body = server.request("POST", "/settings", UI_SETTINGS)
-        assert status == 200, body
-        for i, name in enumerate(input_images(example_workflows())):
-            sample_image(server.input_dir / name, seed=i)
-        _write_tiny_blora(server)
+        prepare_ui_server(server)
         yield server
-
-
-def _write_tiny_blora(server) -> None:
-    """A rank-4 content + style B-LoRA for the tiny checkpoint in the original dialect, in models/blora."""
-    from blora_testkit.loras import ROLE_BLOCKS, attention_shapes, make_pairs, write_original
-
-    shapes = attention_shapes(server.models_dir / "checkpoints" / server.ckpt_name)
-    pairs = make_pairs(shapes, [ROLE_BLOCKS["content"], ROLE_BLOCKS["style"]], rank=4, seed=0)
-    write_original(server.models_dir / "blora" / TINY_BLORA, pairs)
 
 
 @pytest.fixture(scope="session")

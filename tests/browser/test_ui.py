@@ -235,7 +235,10 @@ def test_block_map_after_apply_run(ui_page, ui_server, baseline):
     assert _wait_queue_empty(ui_server)["status"]["status_str"] == "success"
     page.wait_for_function("() => app.graph.nodes.filter((n) => n.comfyClass === 'BLoRALoader')"
                            ".every((n) => n.bloraBlockMap?.present.length === 2)", timeout=10_000)
-    assert not [e for e in page.evaluate("window.__executed") if "blora" in e["keys"]]
+    # 0.3.64 sends no `executed` for cached nodes (the maps come from /history); 0.33 sends the loaders' UI
+    # output again (they declare has_intermediate_output): either way each loader shows its map once.
+    loader_ids = page.evaluate("app.graph.nodes.filter((n) => n.comfyClass === 'BLoRALoader').map((n) => String(n.id))")
+    assert all(e["node"] in loader_ids for e in page.evaluate("window.__executed") if "blora" in e["keys"])
     errors = unexplained(log.since(mark), baseline)
     assert not errors, _describe(errors)
 

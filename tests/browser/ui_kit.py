@@ -7,6 +7,7 @@ only talks to the loopback ComfyUI server; chromium's own background traffic is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -32,6 +33,36 @@ FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".png"
 UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
                "Comfy.Graph.CanvasMenu": False, "Comfy.NodeBadge.NodeSourceBadgeMode": "None",
                "Comfy.Workflow.WorkflowTabsPosition": "Sidebar"}
+
+
+# Front ends besides the host's pinned one: `pip install --target <FRONTENDS>/<version> comfyui-frontend-package==
+# <version>` (.ci/run does), served with --front-end-root <that>/comfyui_frontend_package/static.
+FRONTENDS = Path(os.environ.get("BLORA_FRONTENDS", Path.home() / ".cache" / "comfyui-blora" / "frontends"))
+NEWEST_FRONTEND = "1.58.1"  # the newest comfyui-frontend-package the registry serves (2026-11)
+
+
+def frontend_root(version: str) -> Path | None:
+    """The static folder of an installed front end ``version``, or None."""
+    root = FRONTENDS / version / "comfyui_frontend_package" / "static"
+    return root if (root / "index.html").is_file() else None
+
+
+def write_tiny_blora(server) -> None:
+    """A rank-4 content + style B-LoRA for the tiny checkpoint in the original dialect, in models/blora."""
+    from blora_testkit.loras import ROLE_BLOCKS, attention_shapes, make_pairs, write_original
+
+    shapes = attention_shapes(server.models_dir / "checkpoints" / server.ckpt_name)
+    pairs = make_pairs(shapes, [ROLE_BLOCKS["content"], ROLE_BLOCKS["style"]], rank=4, seed=0)
+    write_original(server.models_dir / "blora" / TINY_BLORA, pairs)
+
+
+def prepare_ui_server(server) -> None:
+    """What every browser-layer server gets: the UI settings, the examples' input images, the tiny B-LoRA."""
+    status, body = server.request("POST", "/settings", UI_SETTINGS)
+    assert status == 200, body
+    for i, name in enumerate(input_images(example_workflows())):
+        sample_image(server.input_dir / name, seed=i)
+    write_tiny_blora(server)
 
 
 def chromium_path() -> str | None:
@@ -219,9 +250,12 @@ def focus_mode(page, on: bool = True) -> None:
     page.wait_for_timeout(400)
 
 
+# Node ids are numbers in the 1.27 front end and strings ("4") in the 1.4x/1.5x ones: compared as strings.
 _BOUNDS = """(ids) => {
-  const nodes = app.graph.nodes.filter((n) => !ids || ids.includes(n.id));
-  const title = LiteGraph.NODE_TITLE_HEIGHT;
+  const want = ids ? ids.map(String) : null;
+  const nodes = app.graph.nodes.filter((n) => !want || want.includes(String(n.id)));
+  if (!nodes.length) throw new Error(`no node with id in ${JSON.stringify(ids)}`);
+  const title = LiteGraph.NODE_TITLE_HEIGHT ?? 30;
   const x0 = Math.min(...nodes.map((n) => n.pos[0]));
   const y0 = Math.min(...nodes.map((n) => n.pos[1] - title));
   const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
@@ -241,7 +275,7 @@ def fit_view(page, margin: float = 0.92, node_ids: list | None = None) -> None:
 def graph_clip(page, pad: int = 12, node_ids: list | None = None) -> dict:
     """Screen rectangle (a Playwright ``clip``) around every node, or the nodes ``node_ids``, as drawn now."""
     bounds = page.evaluate(_BOUNDS, node_ids)
-    return page.evaluate("""([b, pad]) => {
+    clip = page.evaluate("""([b, pad]) => {
       const [x0, y0] = app.canvas.ds.convertOffsetToCanvas([b[0], b[1]]);
       const [x1, y1] = app.canvas.ds.convertOffsetToCanvas([b[0] + b[2], b[1] + b[3]]);
       const r = app.canvas.canvas.getBoundingClientRect();
@@ -249,6 +283,9 @@ def graph_clip(page, pad: int = 12, node_ids: list | None = None) -> dict:
       return { x: left, y: top, width: Math.min(window.innerWidth, r.left + x1 + pad) - left,
                height: Math.min(window.innerHeight, r.top + y1 + pad) - top };
     }""", [bounds, pad])
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in clip.values()):
+        raise AssertionError(f"graph_clip: the canvas gave {clip} for nodes {node_ids} (bounds {bounds})")
+    return clip
 
 
 def screenshot(page, path: Path, **kwargs) -> Path:
