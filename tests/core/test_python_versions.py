@@ -7,16 +7,10 @@ import ast
 from pathlib import Path
 
 import pytest
+from blora_testkit.python_versions import NOT_ON_EVERY_SUPPORTED_PYTHON, OLDEST
 
 ROOT = Path(__file__).resolve().parents[2]
 PACK_SOURCES = sorted([ROOT / "__init__.py", *(ROOT / "blora").rglob("*.py"), *(ROOT / "nodes").rglob("*.py")])
-OLDEST = (3, 10)
-NOT_ON_EVERY_SUPPORTED_PYTHON = {
-    "tomllib", "wsgiref.types",  # new in 3.11
-    "distutils", "imp", "asynchat", "asyncore", "smtpd",  # removed in 3.12
-    "aifc", "audioop", "cgi", "cgitb", "chunk", "crypt", "imghdr", "lib2to3", "mailcap", "msilib", "nis",
-    "nntplib", "ossaudiodev", "pipes", "sndhdr", "spwd", "sunau", "telnetlib", "uu", "xdrlib",  # removed in 3.13
-}
 
 
 def _guarded(node: ast.AST, parents: dict) -> bool:
