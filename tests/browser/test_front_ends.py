@@ -76,7 +76,7 @@ def _queue_and_wait(page, server, timeout_s: float = 120.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         _, history = server.request("GET", "/history")
-        new = [v for k, v in history.items() if k not in before and v.get("status", {}).get("completed")]
+        new = [v for k, v in history.items() if k not in before and (v.get("status") or {}).get("status_str")]
         if new:
             return new[0]
         time.sleep(0.25)
@@ -117,9 +117,9 @@ def test_chart_block_map_and_cached_replay(servers, browser, front_end, mode):
         train = read_workflow(_example("BLoRATrain", "train_then_apply"))
         result = load_workflow(page, train)
         assert not (result["missing"] or result["invalid"]), result
-        set_widgets(page, {"ckpt_name": server.ckpt_name, **SMALL, **TRAIN})
+        set_widgets(page, {"ckpt_name": server.ckpt_name, "BLoRALoader.lora_name": TINY_BLORA, **SMALL, **TRAIN})
         run = _queue_and_wait(page, server)
-        assert run["status"]["status_str"] == "success", run["status"]
+        assert run["status"]["status_str"] == "success", (run["status"], server.log_context(40))
         page.wait_for_function(f"() => app.graph.nodes.some((n) => n.comfyClass === 'BLoRATrain' && "
                                f"n.bloraChart.points.length === {TRAIN_STEPS} && !n.bloraChart.running)",
                                timeout=30_000)
