@@ -20,6 +20,7 @@ TRAIN_OVERRIDES = {"BLoRATrain.steps": TRAIN_STEPS, "BLoRATrain.resolution": 64,
                    "BLoRATrain.alpha": 8.0, "BLoRATrain.learning_rate": 3e-2, "BLoRATrain.training_dtype": "fp32",
                    "BLoRATrain.gradient_checkpointing": False, "BLoRATrain.save_every": 0}
 PANELS = {"BLoRATrain": "chart", "BLoRALoader": "blockMap"}
+QUEUE_PANEL_COMMANDS = ("Workspace.ToggleSidebarTab.queue", "Comfy.Queue.ToggleOverlay")  # 1.27; 1.4x/1.5x
 # Any example graph made cheap for the tiny checkpoint.
 SMALL_GRAPH = {"EmptyLatentImage.width": 64, "EmptyLatentImage.height": 64, "EmptyLatentImage.batch_size": 1,
                "KSampler.steps": 2}
@@ -155,11 +156,15 @@ def test_train_chart_follows_the_run_and_survives_reload(ui_page, ui_server, bas
     fit_view(page, 0.9, node_ids=[int(chart["id"])])
     screenshot(page, DOCS / "train_chart.png", clip=graph_clip(page, 8, node_ids=[int(chart["id"])]))
     focus_mode(page, False)
-    # The finished run in the queue panel (it lists every UI output, the loss list included).
-    page.evaluate("app.extensionManager.command.execute('Workspace.ToggleSidebarTab.queue')")
+    # The finished run in the queue panel (it lists every UI output, the loss list included): the queue side bar
+    # tab in 1.27, the queue overlay in the 1.4x/1.5x front ends (which have no queue tab).
+    toggled = page.evaluate("""async (ids) => {
+      for (const id of ids) { try { await app.extensionManager.command.execute(id); return id; } catch (e) {} }
+      return null; }""", list(QUEUE_PANEL_COMMANDS))
+    assert toggled, f"none of {QUEUE_PANEL_COMMANDS} exists in this front end"
     page.wait_for_timeout(1000)
     screenshot(page, ARTIFACTS / "train_queue_panel.png")
-    page.evaluate("app.extensionManager.command.execute('Workspace.ToggleSidebarTab.queue')")
+    page.evaluate("(id) => app.extensionManager.command.execute(id)", toggled)
     errors = unexplained(log.since(mark), baseline)
     assert not errors, _describe(errors)
 
