@@ -36,6 +36,7 @@ from ..errors import BLoRAError
 from ..kinds.lora import TrainableLoRA
 from ..seeds import SeedsLoRA, clip_per_seed, seeds_of
 from ..training import TrainConfig, diffusion_loss, make_optimizer, select_targets, training_target
+from .dynamic_vram import is_dynamic, restream_weights, training_flag
 from .output_files import check_prefix, save_target
 from .patch import patched_clone, require_sdxl
 from .train import LOAD_ALL_MEMORY, TrainOutcome, linear_paths
@@ -237,6 +238,8 @@ def train_blora_seeds(model, vae, images, positive, config: TrainConfig, filenam
             clone.set_model_output_block_patch(skip_widener(config.seeds))
         comfy.model_management.load_models_gpu([clone], memory_required=LOAD_ALL_MEMORY, force_full_load=True)
         unet = clone.model.diffusion_model
+        if is_dynamic(clone):  # VRAM copies streamed during an earlier sampling run are inference tensors
+            restream_weights(unet)
         state = SeedsState(config, unet, schedule, samples, adapters, make_optimizer(adapters, config),
                            dict(clone.model_options.get("transformer_options", {})),
                            clone.model.manual_cast_dtype or clone.model.get_dtype(), clone.load_device,
@@ -246,7 +249,7 @@ def train_blora_seeds(model, vae, images, positive, config: TrainConfig, filenam
             else contextlib.nullcontext()
         start = time.monotonic()
         with frozen_aliases(unet), routed_rows(unet, adapters), widen, \
-                checkpointed(region, config.gradient_checkpointing), torch.enable_grad():
+                checkpointed(region, config.gradient_checkpointing), torch.enable_grad(), training_flag():
             _loop(state, node_id, lambda step: save(adapters, step, False, state.losses))
         elapsed = time.monotonic() - start
         written = save(adapters, config.steps, True, state.losses)
