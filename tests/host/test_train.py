@@ -14,8 +14,8 @@ import pytest
 import torch
 from blora_testkit.dynamic import sample
 from blora_testkit.nodes import run_node
-from blora_testkit.tiny_sdxl import tiny_conditioning, tiny_sdxl_model
-from blora_testkit.tiny_vae import tiny_vae
+from blora_testkit.train_fixtures import model, node, one_thread, vae  # noqa: F401
+from blora_testkit.tiny_sdxl import tiny_conditioning
 
 from blora.errors import ArchitectureError, BLoRAError, UnsafePathError
 from blora.files import read_adapter
@@ -33,32 +33,6 @@ FAST = dict(blocks="content+style", layer_filter="", rank=4, alpha=4.0, algorith
             learning_rate=1e-2, loraplus_ratio=1.0, optimizer="AdamW", weight_decay=1e-4, steps=3, batch_size=1,
             grad_accumulation=1, resolution=64, flip=False, seed=0, training_dtype="fp32",
             gradient_checkpointing=True, save_every=0, filename_prefix="t/blora", save_precision="fp32")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model is faster on one thread, and steadier on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def node(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.train").BLoRATrain
-
-
-@pytest.fixture
-def model(comfy_host):
-    """Tiny SDXL model made under inference mode (its weights are inference tensors, as a loader node's are)."""
-    with torch.inference_mode():
-        return tiny_sdxl_model(0)
-
-
-@pytest.fixture(scope="module")
-def vae(comfy_host):
-    return tiny_vae(0)
 
 
 def image(h=64, w=64, seed=0):

@@ -3,7 +3,6 @@ file renders in stock ComfyUI (LoraLoaderModelOnly) exactly as the trained MODEL
 loss falls against a near-zero learning rate run with the same draws; resume, checkpoints and metadata."""
 from __future__ import annotations
 
-import importlib
 import json
 import statistics
 
@@ -11,8 +10,8 @@ import pytest
 import torch
 from blora_testkit.dynamic import sample
 from blora_testkit.nodes import run_node
-from blora_testkit.tiny_sdxl import tiny_conditioning, tiny_sdxl_model
-from blora_testkit.tiny_vae import tiny_vae
+from blora_testkit.train_fixtures import model, node, one_thread, vae  # noqa: F401
+from blora_testkit.tiny_sdxl import tiny_conditioning
 
 from blora.algorithms import REGISTRY
 from blora.errors import BLoRAError
@@ -37,30 +36,6 @@ SUFFIXES = {"lora": {".lora_down.weight", ".lora_up.weight"}, "loha": {".hada_w1
                                                                         ".hada_w2_b"},
             "lokr": {".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b"}}
 NAME = "t/blora_00001_.safetensors"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def node(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.train").BLoRATrain
-
-
-@pytest.fixture
-def model(comfy_host):
-    with torch.inference_mode():
-        return tiny_sdxl_model(0)
-
-
-@pytest.fixture(scope="module")
-def vae(comfy_host):
-    return tiny_vae(0)
 
 
 def train(node, model, vae, **settings):

@@ -4,14 +4,13 @@ first seed's draws), shared draws run the layers below the trained region once, 
 cannot be batched is refused before anything is written."""
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 from blora_testkit.loras import write_kohya
 from blora_testkit.nodes import run_node
-from blora_testkit.tiny_sdxl import tiny_conditioning, tiny_sdxl_model
-from blora_testkit.tiny_vae import tiny_vae
+from blora_testkit.train_fixtures import model, node, one_thread, vae  # noqa: F401
+from blora_testkit.tiny_sdxl import tiny_conditioning
 
 from blora.errors import BLoRAError
 from blora.files import read_adapter
@@ -28,30 +27,6 @@ FAST = dict(blocks="content+style", layer_filter="", rank=4, alpha=4.0, algorith
 TIGHT = dict(optimizer="SGD", learning_rate=1.0)
 RTOL_SGD = 1e-4
 ATOL_ADAM = 0.1 * FAST["learning_rate"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def node(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.train").BLoRATrain
-
-
-@pytest.fixture
-def model(comfy_host):
-    with torch.inference_mode():
-        return tiny_sdxl_model(0)
-
-
-@pytest.fixture(scope="module")
-def vae(comfy_host):
-    return tiny_vae(0)
 
 
 def image(seed=0):
