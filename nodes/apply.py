@@ -7,8 +7,8 @@ from comfy_api.latest import io
 
 from ..blora.adapter import Adapter
 from ..blora.host import patched_clone
-from ..blora.weights import STRENGTH_MODES, block_weight_parts, parse_block_weights, role_parts
-from .types import BLoRA, role_inputs, strength
+from ..blora.weights import block_weight_parts, parse_block_weights, role_parts
+from .types import BLoRA, role_inputs, role_strength_inputs
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +27,7 @@ class BLoRAApply(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="SDXL-architecture model; a patched clone is returned."),
                 *role_inputs(),
-                strength("content_strength", "Strength of the content block; negative values subtract it."),
-                strength("style_strength", "Strength of the style block; negative values subtract it."),
-                strength("layout_strength", "Strength of the layout block; negative values subtract it."),
-                io.Combo.Input("strength_mode", options=list(STRENGTH_MODES), default="linear",
-                               tooltip="linear: ComfyUI's LoRA strength. alpha_squared: the original B-LoRA "
-                                       "inference scale (strength s acts like linear s², sign kept)."),
+                *role_strength_inputs(),
             ],
             outputs=[io.Model.Output(tooltip="The model with the B-LoRA blocks applied.")])
 

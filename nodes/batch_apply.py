@@ -11,8 +11,8 @@ from einops import rearrange
 from ..blora.adapter import Adapter
 from ..blora.errors import BLoRAError
 from ..blora.host.batched_lora import batched_clone
-from ..blora.weights import STRENGTH_MODES, role_parts
-from .types import role_inputs, strength
+from ..blora.weights import role_parts
+from .types import role_inputs, role_strength_inputs
 
 BLoRABatch = io.Custom("BLORA_BATCH")
 """A tuple of entries, each a tuple of (Adapter, linear strength) parts as Apply B-LoRA would apply them."""
@@ -28,12 +28,7 @@ class BLoRABatchEntry(io.ComfyNode):
             inputs=[
                 BLoRABatch.Input("batch", optional=True, tooltip="Entries so far (none: this is the first)."),
                 *role_inputs("is applied to this entry's image"),
-                strength("content_strength", "Strength of the content block; negative values subtract it."),
-                strength("style_strength", "Strength of the style block; negative values subtract it."),
-                strength("layout_strength", "Strength of the layout block; negative values subtract it."),
-                io.Combo.Input("strength_mode", options=list(STRENGTH_MODES), default="linear",
-                               tooltip="linear: ComfyUI's LoRA strength. alpha_squared: the original B-LoRA "
-                                       "inference scale (strength s acts like linear s², sign kept)."),
+                *role_strength_inputs(),
             ],
             outputs=[BLoRABatch.Output(display_name="BLORA_BATCH", tooltip="The entries with this one appended.")])
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..blora.weights import STRENGTH_MODES
+
 BLoRA = io.Custom("BLORA")
 """A ``blora.Adapter``: modules keyed by canonical path, with source, dialect, metadata and trigger."""
 
@@ -28,3 +30,15 @@ def role_inputs(verb: str = "is applied") -> list:
     """Optional ``content``, ``style`` and ``layout`` BLORA inputs: each gives only its own block."""
     return [BLoRA.Input(role, optional=True, tooltip=f"B-LoRA whose {role} block ({where}) {verb}.")
             for role, where in ROLE_BLOCKS.items()]
+
+
+def role_strength_inputs() -> list:
+    """The content, style and layout strengths and the strength mode, as Apply B-LoRA and Batch Entry take them."""
+    return [
+        strength("content_strength", "Strength of the content block; negative values subtract it."),
+        strength("style_strength", "Strength of the style block; negative values subtract it."),
+        strength("layout_strength", "Strength of the layout block; negative values subtract it."),
+        io.Combo.Input("strength_mode", options=list(STRENGTH_MODES), default="linear",
+                       tooltip="linear: ComfyUI's LoRA strength. alpha_squared: the original B-LoRA "
+                               "inference scale (strength s acts like linear s², sign kept)."),
+    ]
