@@ -48,6 +48,16 @@ def _inside(root: Path, path: Path) -> Path:
     return real
 
 
+def subfolder(root: str | os.PathLike, name: str) -> Path:
+    """The folder ``name`` inside ``root``, resolved. Raises UnsafePathError for the root itself and for names or
+    links that lead outside it."""
+    base = Path(root).resolve()
+    path = _inside(base, base / name)
+    if path == base:
+        raise UnsafePathError(f"folder {name!r}: not a subfolder of {base}")
+    return path
+
+
 def _repeats(name: str) -> int | None:
     head, sep, _ = name.partition("_")
     return int(head) if sep and head.isdigit() and int(head) > 0 else None

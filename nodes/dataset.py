@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from PIL import Image, ImageOps
 
 from ..blora.errors import BLoRAError
-from ..blora.train_dataset import TrainingSet, folder_images
+from ..blora.train_dataset import TrainingSet, folder_images, subfolder
 
 log = logging.getLogger(__name__)
 TrainingSetType = io.Custom("BLORA_TRAINING_SET")
@@ -42,17 +42,6 @@ def encode_captions(clip, captions: list[str]) -> list:
     return [encoded[text] for text in captions]
 
 
-def input_folder(name: str) -> str:
-    """The path of a subfolder of ComfyUI's input folder (refusing names that leave it)."""
-    import os
-
-    root = os.path.realpath(folder_paths.get_input_directory())
-    path = os.path.realpath(os.path.join(root, name))
-    if path == root or not path.startswith(root + os.sep):
-        raise BLoRAError(f"folder {name!r}: not a subfolder of the input folder")
-    return path
-
-
 class BLoRATrainingFolder(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -73,7 +62,7 @@ class BLoRATrainingFolder(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder: str, clip, default_caption: str) -> io.NodeOutput:
-        items = folder_images(input_folder(folder), default_caption)
+        items = folder_images(subfolder(folder_paths.get_input_directory(), folder), default_caption)
         images, captions = [], []
         for item in items:
             pixels = load_rgb(item.path)

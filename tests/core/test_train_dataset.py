@@ -10,7 +10,7 @@ import torch
 from blora.errors import BLoRAError, UnsafePathError
 from blora.image_pipeline import color_jitter, hflip, random_crop_box, resize
 from blora.train_dataset import (AUGMENTED_VIEWS, MIN_CROP_AREA, TrainingSet, bucket_groups, folder_images,
-                                 sample_bucketed_batch, training_views)
+                                 sample_bucketed_batch, subfolder, training_views)
 from blora.training import sample_batch
 
 
@@ -107,3 +107,16 @@ def test_a_training_set_needs_one_conditioning_per_image():
         TrainingSet([torch.zeros(1, 8, 8, 3)] * 2, [[torch.zeros(1), {}]], ["a", "b"])
     with pytest.raises(BLoRAError, match="no images"):
         TrainingSet([], [], [])
+
+
+def test_subfolder_stays_inside_its_root(tmp_path):
+    root = tmp_path / "input"
+    (root / "cats").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "link_out").symlink_to(tmp_path / "outside", target_is_directory=True)
+    assert subfolder(root, "cats") == (root / "cats").resolve()
+    for name, message in [("..", "leads outside"), ("../outside", "leads outside"), (str(tmp_path / "outside"),
+                          "leads outside"), ("link_out", "leads outside"), ("", "not a subfolder"),
+                          (".", "not a subfolder")]:
+        with pytest.raises(UnsafePathError, match=message):
+            subfolder(root, name)
