@@ -104,3 +104,8 @@ def tiny_sample(patcher, seed: int = 0, steps: int = 3, size: int = 8):
                                        torch.zeros_like(noise), disable_pbar=True, seed=seed)
     finally:
         torch.set_num_threads(threads)
+
+
+def load_blora(nodes, name: str):
+    """The adapter that Load B-LoRA (the pack's ``nodes`` package) reads from ``name`` in the loras folders."""
+    return run_node(nodes.load.BLoRALoader, lora_name=name)[0][0]

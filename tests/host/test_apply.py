@@ -7,7 +7,7 @@ import torch
 
 from blora_testkit.dialects import (CONTENT, LAYOUT, STYLE, TINY_ATTN_SHAPES, blora_shapes, factors,
                                     make_state_dict, reference_deltas)
-from blora_testkit.nodes import model_state, patched_weights, run_node, tiny_sample, write_lora
+from blora_testkit.nodes import load_blora, model_state, patched_weights, run_node, tiny_sample, write_lora
 
 RANK, ALPHA = 4, 2.0
 
@@ -26,11 +26,6 @@ def in_block(path, block):
 @pytest.fixture
 def nodes(pack):
     return pack.nodes
-
-
-def load(nodes, name):
-    (adapter, _trigger, _summary, _losses), _ui = run_node(nodes.load.BLoRALoader, lora_name=name)
-    return adapter
 
 
 def apply(nodes, model, content=None, style=None, layout=None, c=1.0, s=1.0, lay=1.0, mode="linear"):
@@ -71,7 +66,7 @@ def test_every_dialect_patches_exactly_content_and_style(nodes, host_dirs, tiny_
     write_lora(host_dirs / "models" / "loras", "all_blocks.safetensors", sd)
     deltas = reference_deltas(TINY_ATTN_SHAPES, rank=RANK, seed=3, alpha=ALPHA, kind=kind)
     base = base_weights(tiny_model)
-    adapter = load(nodes, "all_blocks.safetensors")
+    adapter = load_blora(nodes, "all_blocks.safetensors")
     patched = apply(nodes, tiny_model, content=adapter, style=adapter, c=0.8, s=-0.6)
     check_weights(base, patched_weights(patched), {CONTENT: (deltas, 0.8), STYLE: (deltas, -0.6)})
     assert torch.equal(base_weights(tiny_model)[f"{CONTENT}.transformer_blocks.0.attn1.to_q"],
@@ -94,7 +89,7 @@ def test_dora_files_render_as_the_host_renders_dora(nodes, host_dirs, tiny_model
     deltas = reference_deltas(shapes, rank=RANK, seed=5, alpha=ALPHA)
     f = factors(shapes, RANK, 5, dora=True)
     base = base_weights(tiny_model)
-    adapter = load(nodes, "dora.safetensors")
+    adapter = load_blora(nodes, "dora.safetensors")
     got = patched_weights(apply(nodes, tiny_model, content=adapter, style=adapter, c=0.7, s=1.0))
     for path in shapes:
         strength = 0.7 if in_block(path, CONTENT) else 1.0
@@ -126,7 +121,7 @@ def test_peft_dora_renders_with_peft_formula(nodes, host_dirs, tiny_model, stren
     deltas = reference_deltas(shapes, rank=RANK, seed=5, alpha=ALPHA)
     f = factors(shapes, RANK, 5, dora=True)
     base = base_weights(tiny_model)
-    adapter = load(nodes, "peft_dora.safetensors")
+    adapter = load_blora(nodes, "peft_dora.safetensors")
     got = patched_weights(apply(nodes, tiny_model, content=adapter, style=adapter, c=strength, s=strength))
     apart = 0.0
     for path in shapes:
@@ -170,7 +165,7 @@ def test_peft_dora_normalises_the_weight_the_input_model_renders(nodes, host_dir
     f = factors(content, RANK, 5, dora=True)
     base = base_weights(tiny_model)
     got = patched_weights(apply(nodes, stock_patched(tiny_model, ("prev.safetensors", 1.0)),
-                                content=load(nodes, "peft_dora.safetensors"), c=0.5))
+                                content=load_blora(nodes, "peft_dora.safetensors"), c=0.5))
     for path in content:
         current = base[path].double() + prev[path].double()
         expected = peft_dora_reference(current, deltas[path], f[path]["dora_out"], 0.5)
@@ -197,7 +192,7 @@ def test_original_dialect_samples_identical_to_stock_lora_loader(nodes, host_dir
                 if k.startswith(tuple("lora_unet_" + p.replace(".", "_") + "." for p in shapes))}
         write_lora(loras, name, part)
     before, base_sample = model_state(tiny_model), tiny_sample(tiny_model)
-    adapter = load(nodes, "original.safetensors")
+    adapter = load_blora(nodes, "original.safetensors")
     ours = apply(nodes, tiny_model, content=adapter, style=adapter, c=0.7, s=1.3)
     stock = stock_patched(tiny_model, ("content_kohya.safetensors", 0.7), ("style_kohya.safetensors", 1.3))
     w_ours, w_stock = patched_weights(ours), patched_weights(stock)
@@ -215,7 +210,7 @@ def test_dora_samples_identical_to_stock_on_the_same_kohya_file(nodes, host_dirs
     loras = host_dirs / "models" / "loras"
     content_only = {p: s for p, s in TINY_ATTN_SHAPES.items() if in_block(p, CONTENT)}
     write_lora(loras, "dora_content.safetensors", make_state_dict("kohya", content_only, RANK, 9, ALPHA, dora=True))
-    adapter = load(nodes, "dora_content.safetensors")
+    adapter = load_blora(nodes, "dora_content.safetensors")
     ours = apply(nodes, tiny_model, content=adapter, c=0.9)
     stock = stock_patched(tiny_model, ("dora_content.safetensors", 0.9))
     w_ours, w_stock = patched_weights(ours), patched_weights(stock)
@@ -230,8 +225,9 @@ def test_content_from_one_file_style_from_another(nodes, host_dirs, tiny_model):
     da = reference_deltas(TINY_ATTN_SHAPES, RANK, 11)
     db = reference_deltas(TINY_ATTN_SHAPES, RANK, 12, ALPHA)
     base = base_weights(tiny_model)
-    patched = apply(nodes, tiny_model, content=load(nodes, "a.safetensors"), style=load(nodes, "b.safetensors"),
-                    layout=load(nodes, "a.safetensors"), c=1.0, s=0.5, lay=-0.25)
+    patched = apply(nodes, tiny_model, content=load_blora(nodes, "a.safetensors"),
+                    style=load_blora(nodes, "b.safetensors"),
+                    layout=load_blora(nodes, "a.safetensors"), c=1.0, s=0.5, lay=-0.25)
     check_weights(base, patched_weights(patched), {CONTENT: (da, 1.0), STYLE: (db, 0.5), LAYOUT: (da, -0.25)})
 
 
@@ -239,7 +235,7 @@ def test_alpha_squared_mode_squares_the_strength_keeping_its_sign(nodes, host_di
     write_lora(host_dirs / "models" / "loras", "k.safetensors", make_state_dict("kohya", TINY_ATTN_SHAPES, RANK, 4))
     deltas = reference_deltas(TINY_ATTN_SHAPES, RANK, 4)
     base = base_weights(tiny_model)
-    adapter = load(nodes, "k.safetensors")
+    adapter = load_blora(nodes, "k.safetensors")
     patched = apply(nodes, tiny_model, content=adapter, style=adapter, c=1.1, s=-0.5, mode="alpha_squared")
     check_weights(base, patched_weights(patched), {CONTENT: (deltas, 1.21), STYLE: (deltas, -0.25)})
 
@@ -248,7 +244,7 @@ def test_zero_strength_and_no_input_leave_weights_alone(nodes, host_dirs, tiny_m
     write_lora(host_dirs / "models" / "loras", "k.safetensors", make_state_dict("kohya", TINY_ATTN_SHAPES, RANK, 4))
     deltas = reference_deltas(TINY_ATTN_SHAPES, RANK, 4)
     base = base_weights(tiny_model)
-    adapter = load(nodes, "k.safetensors")
+    adapter = load_blora(nodes, "k.safetensors")
     patched = apply(nodes, tiny_model, content=adapter, style=adapter, c=0.0, s=2.0)
     check_weights(base, patched_weights(patched), {STYLE: (deltas, 2.0)})
     untouched = apply(nodes, tiny_model)
@@ -260,7 +256,7 @@ def test_apply_stacks_on_an_already_patched_model(nodes, host_dirs, tiny_model):
     write_lora(host_dirs / "models" / "loras", "k.safetensors", make_state_dict("kohya", TINY_ATTN_SHAPES, RANK, 4))
     deltas = reference_deltas(TINY_ATTN_SHAPES, RANK, 4)
     base = base_weights(tiny_model)
-    adapter = load(nodes, "k.safetensors")
+    adapter = load_blora(nodes, "k.safetensors")
     once = apply(nodes, tiny_model, content=adapter, c=0.5)
     twice = apply(nodes, once, style=adapter, s=0.25)
     check_weights(base, patched_weights(twice), {CONTENT: (deltas, 0.5), STYLE: (deltas, 0.25)})
@@ -276,7 +272,8 @@ def test_block_weights_node_applies_the_most_specific_strength(nodes, host_dirs,
             "style=2, OUT1.transformer_blocks.0.attn2=-1   # style's cross-attention reversed\n"
             "up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k=0\n"
             "IN08=0.25, default=0")
-    (patched,), _ = run_node(nodes.apply.BLoRABlockWeights, model=tiny_model, blora=load(nodes, "all.safetensors"),
+    (patched,), _ = run_node(nodes.apply.BLoRABlockWeights, model=tiny_model,
+                             blora=load_blora(nodes, "all.safetensors"),
                              weights=text)
     got = patched_weights(patched)
     expected_strength = {CONTENT: 0.5, LAYOUT: 0.25}
@@ -301,7 +298,8 @@ def test_block_weights_default_is_one_for_every_module(nodes, host_dirs, tiny_mo
                make_state_dict("kohya", TINY_ATTN_SHAPES, RANK, 14, ALPHA))
     deltas = reference_deltas(TINY_ATTN_SHAPES, RANK, 14, ALPHA)
     base = base_weights(tiny_model)
-    (patched,), _ = run_node(nodes.apply.BLoRABlockWeights, model=tiny_model, blora=load(nodes, "all.safetensors"),
+    (patched,), _ = run_node(nodes.apply.BLoRABlockWeights, model=tiny_model,
+                             blora=load_blora(nodes, "all.safetensors"),
                              weights="# everything at 1\n")
     got = patched_weights(patched)
     for path in TINY_ATTN_SHAPES:
@@ -312,7 +310,7 @@ def test_text_encoder_modules_are_ignored_with_a_log_line(nodes, host_dirs, tiny
     shapes = dict(blora_shapes(TINY_ATTN_SHAPES))
     shapes["te1:text_model.encoder.layers.0.self_attn.q_proj"] = (768, 768)
     write_lora(host_dirs / "models" / "loras", "te.safetensors", make_state_dict("kohya", shapes, RANK, 2, ALPHA))
-    adapter = load(nodes, "te.safetensors")
+    adapter = load_blora(nodes, "te.safetensors")
     caplog.set_level("INFO")
     (patched,), _ = run_node(nodes.apply.BLoRABlockWeights, model=tiny_model, blora=adapter, weights="")
     assert len(patched.patches) == len(blora_shapes(TINY_ATTN_SHAPES))
@@ -321,7 +319,7 @@ def test_text_encoder_modules_are_ignored_with_a_log_line(nodes, host_dirs, tiny
 
 def test_apply_returns_a_clone_and_never_patches_its_input(nodes, host_dirs, tiny_model):
     write_lora(host_dirs / "models" / "loras", "k.safetensors", make_state_dict("kohya", TINY_ATTN_SHAPES, RANK, 4))
-    adapter = load(nodes, "k.safetensors")
+    adapter = load_blora(nodes, "k.safetensors")
     patched = apply(nodes, tiny_model, content=adapter, style=adapter, layout=adapter)
     assert patched is not tiny_model and patched.model is tiny_model.model
     assert not tiny_model.patches and len(patched.patches) == 3 * 8

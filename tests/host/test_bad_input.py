@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blora_testkit.dialects import (FULL_ATTN_SHAPES, TINY_ATTN_SHAPES, blora_shapes, make_state_dict)
-from blora_testkit.nodes import model_state, run_node, write_lora
+from blora_testkit.nodes import load_blora, model_state, run_node, write_lora
 
 SD15_TINY_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
@@ -37,10 +37,6 @@ def digest(path):
 def unchanged(model, before):
     after = model_state(model)
     return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-
-
-def load(nodes, name):
-    return run_node(nodes.load.BLoRALoader, lora_name=name)[0][0]
 
 
 def apply(nodes, model, **inputs):
@@ -91,7 +87,7 @@ def test_broken_files_are_refused_by_load_naming_the_file(nodes, loras, spoil, p
     spoil(path)
     before = digest(path)
     with pytest.raises(ValueError, match=pattern):
-        load(nodes, "bad.safetensors")
+        load_blora(nodes, "bad.safetensors")
     assert digest(path) == before
 
 
@@ -106,7 +102,7 @@ def test_sd15_keyed_lora_is_refused_naming_the_file(nodes, loras, tiny_model):
     path = write_lora(loras, "sd15.safetensors", sd15)
     before, file_before = model_state(tiny_model), digest(path)
     with pytest.raises(ValueError, match=r"sd15\.safetensors"):
-        adapter = load(nodes, "sd15.safetensors")
+        adapter = load_blora(nodes, "sd15.safetensors")
         run_node(nodes.apply.BLoRABlockWeights, model=tiny_model, blora=adapter, weights="")
     assert unchanged(tiny_model, before) and digest(path) == file_before
 
@@ -114,7 +110,7 @@ def test_sd15_keyed_lora_is_refused_naming_the_file(nodes, loras, tiny_model):
 def test_full_width_lora_on_the_tiny_model_is_refused_naming_module_and_shapes(nodes, loras, tiny_model):
     full = {p: s for p, s in blora_shapes(FULL_ATTN_SHAPES).items() if ".transformer_blocks.0." in p}
     path = good_file(loras, "full_width.safetensors", shapes=full)
-    adapter = load(nodes, "full_width.safetensors")
+    adapter = load_blora(nodes, "full_width.safetensors")
     before, file_before = model_state(tiny_model), digest(path)
     with pytest.raises(ValueError, match=r"full_width\.safetensors: module 'output_blocks\.0\.1\.transformer_blocks"
                                          r"\.0\.attn\d\.to_\w+(\.0)?' expects a weight of shape \(1280, \d+\), "
@@ -128,7 +124,7 @@ def test_full_width_lora_on_the_tiny_model_is_refused_naming_module_and_shapes(n
 def test_modules_missing_from_the_model_are_refused(nodes, loras, tiny_model):
     deep = {p: s for p, s in blora_shapes(FULL_ATTN_SHAPES).items() if ".transformer_blocks.7." in p}
     good_file(loras, "deep.safetensors", shapes=deep)
-    adapter = load(nodes, "deep.safetensors")
+    adapter = load_blora(nodes, "deep.safetensors")
     before = model_state(tiny_model)
     with pytest.raises(ValueError, match=r"deep\.safetensors: module 'output_blocks\.1\.1\.transformer_blocks\.7\."
                                          r".*' does not exist in this model"):
@@ -153,7 +149,7 @@ def tiny_sd15_model():
 
 def test_non_sdxl_model_is_refused_naming_the_model_class(nodes, loras, comfy_host):
     good_file(loras, "good.safetensors")
-    adapter = load(nodes, "good.safetensors")
+    adapter = load_blora(nodes, "good.safetensors")
     model = tiny_sd15_model()
     before = model_state(model)
     with pytest.raises(ValueError, match=r"SDXL-architecture model, got BaseModel \(SD15\): it has no attention "
@@ -167,7 +163,7 @@ def test_non_sdxl_model_is_refused_naming_the_model_class(nodes, loras, comfy_ho
 def test_file_lacking_the_requested_role_names_file_and_role(nodes, loras, tiny_model):
     style_only = {p: s for p, s in TINY_ATTN_SHAPES.items() if p.startswith("output_blocks.1.1.")}
     path = good_file(loras, "style_only.safetensors", shapes=style_only)
-    adapter = load(nodes, "style_only.safetensors")
+    adapter = load_blora(nodes, "style_only.safetensors")
     before, file_before = model_state(tiny_model), digest(path)
     with pytest.raises(ValueError, match=r"style_only\.safetensors: no content block \(output_blocks\.0\.1, OUT0\) "
                                          r"in this file, given as content; it holds OUT1 \(style\)"):
@@ -184,7 +180,7 @@ def test_file_lacking_the_requested_role_names_file_and_role(nodes, loras, tiny_
 ])
 def test_bad_block_weights_name_the_entry(nodes, loras, tiny_model, text, pattern):
     good_file(loras, "good.safetensors")
-    adapter = load(nodes, "good.safetensors")
+    adapter = load_blora(nodes, "good.safetensors")
     before = model_state(tiny_model)
     with pytest.raises(ValueError, match=pattern):
         run_node(nodes.apply.BLoRABlockWeights, model=tiny_model, blora=adapter, weights=text)
@@ -195,7 +191,7 @@ def test_errors_are_the_packs_own_classes(nodes, loras, tiny_model):
     from blora.errors import ArchitectureError, BLoRAError, BlockNameError
 
     good_file(loras, "good.safetensors")
-    adapter = load(nodes, "good.safetensors")
+    adapter = load_blora(nodes, "good.safetensors")
     with pytest.raises(BlockNameError):
         run_node(nodes.apply.BLoRABlockWeights, model=tiny_model, blora=adapter, weights="OUT9=1")
     with pytest.raises(ArchitectureError):
@@ -208,7 +204,7 @@ def test_modules_the_host_loader_skips_raise_instead_of_vanishing(nodes, loras, 
     import comfy.lora
 
     good_file(loras, "good.safetensors")
-    adapter = load(nodes, "good.safetensors")
+    adapter = load_blora(nodes, "good.safetensors")
     real = comfy.lora.load_lora
 
     def drops_one(state_dict, to_load, log_missing=True):
@@ -226,7 +222,7 @@ def test_patches_the_model_refuses_raise(nodes, loras, tiny_model, monkeypatch):
     import comfy.model_patcher
 
     good_file(loras, "good.safetensors")
-    adapter = load(nodes, "good.safetensors")
+    adapter = load_blora(nodes, "good.safetensors")
     monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "add_patches", lambda self, patches, *a, **k: [])
     with pytest.raises(ValueError, match=r"good\.safetensors: the model refused 8 patch\(es\)"):
         apply(nodes, tiny_model, style=adapter)

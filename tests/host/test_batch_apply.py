@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blora_testkit.dialects import CONTENT, STYLE, TINY_ATTN_SHAPES, blora_shapes, make_state_dict
-from blora_testkit.nodes import model_state, patched_weights, run_node, write_lora
+from blora_testkit.nodes import load_blora, model_state, patched_weights, run_node, write_lora
 from blora_testkit.tiny_sdxl import tiny_conditioning
 
 RANK, ALPHA = 4, 2.0
@@ -26,22 +26,17 @@ def nodes(pack):
     return pack.nodes
 
 
-def load(nodes, name):
-    (adapter, _trigger, _summary, _losses), _ui = run_node(nodes.load.BLoRALoader, lora_name=name)
-    return adapter
-
-
 @pytest.fixture
 def files(nodes, host_dirs):
     """{name: Adapter}: a content B-LoRA and one style B-LoRA per kind, all read by Load B-LoRA."""
     folder, shapes = host_dirs / "models" / "loras", blora_shapes(TINY_ATTN_SHAPES)
     write_lora(folder, "content.safetensors", make_state_dict("kohya", shapes, rank=RANK, seed=10, alpha=ALPHA))
-    out = {"content": load(nodes, "content.safetensors")}
+    out = {"content": load_blora(nodes, "content.safetensors")}
     for name, (dialect, kind, dora, rank, seed) in STYLE_FILES.items():
         alpha = None if dialect == "diffusers" else ALPHA
         write_lora(folder, f"{name}.safetensors",
                    make_state_dict(dialect, shapes, rank=rank, seed=seed, alpha=alpha, kind=kind, dora=dora))
-        out[name] = load(nodes, f"{name}.safetensors")
+        out[name] = load_blora(nodes, f"{name}.safetensors")
     return out
 
 
