@@ -163,7 +163,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     counts: dict[str, dict[str, int]] = {}
     for outcome in ("passed", "failed", "skipped", "error"):
         for report in terminalreporter.stats.get(outcome, []):
-            path = getattr(report, "fspath", None) or getattr(report, "nodeid", "")
             parts = Path(str(report.nodeid).split("::")[0]).parts
             layer = parts[1] if len(parts) > 1 and parts[0] == "tests" else (parts[0] if parts else "?")
             counts.setdefault(layer, {}).setdefault(outcome, 0)
@@ -174,7 +173,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         ran = c.get("passed", 0) + c.get("failed", 0) + c.get("error", 0)
         terminalreporter.write_line(f"layer {layer}: ran {ran} ({c.get('passed', 0)} passed, {c.get('failed', 0)} "
                                     f"failed, {c.get('error', 0)} errors), skipped {c.get('skipped', 0)}")
-    if HOST is None:
+    if HOST is None and any(counts.get(layer, {}).get("skipped") for layer in ("host", "server", "browser")):
         terminalreporter.write_line(f"host and server layers skipped: {NO_HOST_REASON}")
     counts_file = os.environ.get("BLORA_COUNTS_FILE")
     if counts_file:  # .ci/run adds these up over hosts
