@@ -2,11 +2,11 @@
 # The interop layer (tests/interop): files from and to the home tools (diffusers, PEFT, LyCORIS), which are test-only
 # dependencies and live in a venv of their own so that no host venv gets them. Called by .ci/run; runs alone too:
 #   bash .ci/interop.sh [pytest args]
-# The venv: $BLORA_INTEROP_VENV, default ~/.cache/comfyui-blora/venv-interop; made when missing or incomplete.
+# The venv: $BLORA_INTEROP_VENV, default ~/.cache/blora-ci/venv-interop; made when missing or incomplete.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-VENV="${BLORA_INTEROP_VENV:-$HOME/.cache/comfyui-blora/venv-interop}"
+VENV="${BLORA_INTEROP_VENV:-$HOME/.cache/blora-ci/venv-interop}"
 PY="$VENV/bin/python"
 ready() { "$PY" -c "import torch, diffusers, peft, lycoris, pytest, hypothesis, safetensors, einops, kornia" 2>/dev/null; }
 

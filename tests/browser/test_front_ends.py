@@ -56,7 +56,7 @@ def servers(ui_server):
             root = frontend_root(front_end)
             if root is None:
                 pytest.skip(f"front end {front_end} not installed (.ci/run installs it; or pip install --target "
-                            f"~/.cache/comfyui-blora/frontends/{front_end} comfyui-frontend-package=={front_end})")
+                            f"~/.cache/blora-ci/frontends/{front_end} comfyui-frontend-package=={front_end})")
             server = ComfyServer(extra_args=("--front-end-root", str(root))).start()
             made.append(server)
             prepare_ui_server(server)

@@ -37,7 +37,7 @@ UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, 
 
 # Front ends besides the host's pinned one: `pip install --target <FRONTENDS>/<version> comfyui-frontend-package==
 # <version>` (.ci/run does), served with --front-end-root <that>/comfyui_frontend_package/static.
-FRONTENDS = Path(os.environ.get("BLORA_FRONTENDS", Path.home() / ".cache" / "comfyui-blora" / "frontends"))
+FRONTENDS = Path(os.environ.get("BLORA_FRONTENDS", Path.home() / ".cache" / "blora-ci" / "frontends"))
 NEWEST_FRONTEND = "1.58.1"  # the newest comfyui-frontend-package the registry serves (2026-11)
 
 
