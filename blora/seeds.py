@@ -34,6 +34,9 @@ class SeedsLoRA(torch.nn.Module):
         self.down = torch.nn.Parameter(torch.stack([s.down.detach() for s in singles]).clone())
         self.up = torch.nn.Parameter(torch.stack([s.up.detach() for s in singles]).clone())
         self.scale = float(singles[0].scale)
+        self.multiplier = 1.0
+
+    on_activations = True  # always added on the layer's output (``output_delta``)
 
     @property
     def seeds(self) -> int:
@@ -48,6 +51,10 @@ class SeedsLoRA(torch.nn.Module):
         hidden = einsum(rows, self.down.to(x.dtype), "n b ... i, n r i -> n b ... r")
         out = einsum(hidden, self.up.to(x.dtype), "n b ... r, n o r -> n b ... o") * self.scale
         return rearrange(out, "n b ... o -> (n b) ... o")
+
+    def output_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``delta(x)`` times ``multiplier`` (what training adds to the layer's output)."""
+        return self.delta(x) * self.multiplier if self.multiplier != 1.0 else self.delta(x)
 
     def single(self, n: int) -> TrainableLoRA:
         """Seed n as a single-seed adapter (detached copies), e.g. to export or save it."""

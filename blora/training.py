@@ -8,6 +8,7 @@ distribution with std 1/rank, up matrices zero (diffusers' LoRALinearLayer).
 """
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from dataclasses import dataclass, fields
@@ -33,6 +34,10 @@ OPTIMIZERS = ("AdamW", "SGD")
 TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SEED_DRAWS = ("shared", "own")  # seeds > 1: every seed uses the draws of `seed`, or seed + n its own
+# What backward recomputes instead of keeping: nothing; the transformer blocks holding trained layers (the
+# default: about the minimal loop's memory at a few percent of step time); every layer from the first trained
+# block to the output (the least memory, the most recomputation).
+CHECKPOINTING = ("off", "trained blocks", "all above")
 
 # The original trainer's targets inside an attention block: q, k, v, out of both attentions, nothing else.
 ATTENTION_TARGET = re.compile(r"\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
@@ -69,7 +74,8 @@ class TrainConfig:
     grad_accumulation micro-batches of batch_size images. resolution: short side in pixels (aspect kept).
     save_every: checkpoint period in steps (0: only at the end). seeds: B-LoRAs trained at once, initialised from
     seed, seed + 1, … (``blora.host.train_seeds``); seed_draws: their timesteps and noise: ``shared`` (those of seed)
-    or ``own`` (seed + n).
+    or ``own`` (seed + n). gradient_checkpointing: a CHECKPOINTING name (True: "trained blocks", False: "off").
+    offload: stream the frozen weights to the device layer by layer (the host's partial load) for small GPUs.
     LyCORIS (LoKr, LoHa): dora_wd adds DoRA's magnitude (input axis); lokr_factor splits dimensions for the
     Kronecker product (-1: most balanced), lokr_decompose_both factors w1 too, lokr_full_matrix keeps both factors
     full. AdaLoRA: rank is the initial rank, adalora_target_rank the average rank at the end (0: half the rank);
@@ -98,7 +104,7 @@ class TrainConfig:
     seed: int = 0
     init: str = "gaussian"
     training_dtype: str = "bf16"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: str = "trained blocks"
     save_every: int = 0
     save_precision: str = "fp16"
     betas: tuple[float, float] = (0.9, 0.999)
@@ -115,8 +121,12 @@ class TrainConfig:
     adalora_final: float = 0.2
     adalora_interval: int = 10
     adalora_orth_reg: float = 0.5
+    offload: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.gradient_checkpointing, bool):  # the node's old switch
+            object.__setattr__(self, "gradient_checkpointing", "trained blocks" if self.gradient_checkpointing
+                               else "off")
         problems = [
             _choice("blocks", self.blocks, BLOCK_PRESETS), _regex("layer_filter", self.layer_filter),
             _at_least("rank", self.rank, 1), _positive("alpha", self.alpha),
@@ -127,6 +137,7 @@ class TrainConfig:
             _at_least("resolution", self.resolution, 64), _at_least("seed", self.seed, 0),
             _choice("init", self.init, INITIALISATIONS), _at_least("color_jitter", self.color_jitter, 0.0),
             _choice("training_dtype", self.training_dtype, TRAINING_DTYPES),
+            _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING),
             _at_least("save_every", self.save_every, 0),
             _choice("save_precision", self.save_precision, SAVE_PRECISIONS), _at_least("seeds", self.seeds, 1),
             _choice("seed_draws", self.seed_draws, SEED_DRAWS),
@@ -283,9 +294,16 @@ def param_groups(adapters: Mapping[str, torch.nn.Module], config: TrainConfig) -
             {"params": up, "lr": config.learning_rate * config.loraplus_ratio, "name": "up"}]
 
 
+def _fused(groups: list[dict]) -> dict:
+    """``fused=True`` where every parameter is on a CUDA device and this torch's AdamW has the fused kernel."""
+    params = [p for g in groups for p in g["params"]]
+    ok = params and all(p.is_cuda for p in params) and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return {"fused": True} if ok else {}
+
+
 OPTIMIZER_FACTORIES: dict[str, Callable[[list[dict], TrainConfig], torch.optim.Optimizer]] = {
     "AdamW": lambda groups, c: torch.optim.AdamW(groups, lr=c.learning_rate, betas=c.betas, eps=c.eps,
-                                                 weight_decay=c.weight_decay),
+                                                 weight_decay=c.weight_decay, **_fused(groups)),
     "SGD": lambda groups, c: torch.optim.SGD(groups, lr=c.learning_rate, weight_decay=c.weight_decay),
 }
 

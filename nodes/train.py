@@ -68,7 +68,7 @@ def _inputs() -> list:
                      tooltip="Seed of the adapter initialisation, timesteps and noise: same seed, same weights."),
         io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default=d.training_dtype,
                        tooltip="Compute dtype of the forward and backward (adapter weights stay float32)."),
-        io.Boolean.Input("gradient_checkpointing", default=d.gradient_checkpointing,
+        io.Boolean.Input("gradient_checkpointing", default=d.gradient_checkpointing != "off",
                          tooltip="Recompute activations of the trained part in backward: less memory, slower."),
         io.Int.Input("save_every", default=d.save_every, min=0, max=100000,
                      tooltip="Write a checkpoint file every this many steps (0: only the final file)."),

@@ -1,25 +1,38 @@
-"""Trainable adapters on the host's ModelPatcher, and the temporary state training needs on the shared UNet.
+"""Trainable adapters on the host's ModelPatcher, and the temporary state training needs on the shared UNet: every
+patch training installs on the host's model is made here (one module the plan realiser can take over).
 
-- ``trainable_clone``: a clone of the input ModelPatcher with one weight wrapper per targeted Linear
-  (``ModelPatcher.add_weight_wrapper``); nothing else is wrapped.
+- ``trainable_clone``: a clone of the input ModelPatcher with one weight wrapper per targeted Linear trained as a
+  weight function (DoRA, LoHa: ``ModelPatcher.add_weight_wrapper``); nothing else is wrapped.
+- ``on_activations``: a forward hook on every other targeted Linear adds the adapter's ``output_delta(x)`` to the
+  frozen layer's output (LoRA, rsLoRA, LoRA+, AdaLoRA, LoKr; stacked seeds): no merged weight is ever made.
+- seeds with shared draws: ``widened_from`` (forward pre-hooks) and ``skip_widener`` (an ``output_block_patch``)
+  widen the batch to N·B rows at the first trained layer.
 - ``frozen_aliases``: while training, every UNet parameter is replaced by a zero-copy alias of the same storage
   that is an ordinary (not inference-mode) tensor with ``requires_grad=False``. Weights a node receives are
   inference tensors, which autograd refuses to save for backward; the aliases cost no memory and no copies, and
   since no host parameter requires grad, nothing before the first adapter is recorded for backward (the input
   side and the middle block do no backward work for the default preset). The original Parameter objects are
   put back on exit, even after an error or an interrupt: the base weights are never written.
-- ``checkpointed``: gradient checkpointing of the layers from the first trained layer to the output.
+- ``checkpoint_units``: what gradient checkpointing recomputes: nothing (``off``), the transformer blocks holding
+  trained layers (``trained blocks``, the default, as the minimal loop does) or every layer from the first trained
+  one to the output (``all above``); ``checkpointed`` installs it.
+- ``offloaded``: with ``offload``, the Linear and conv layers of the backward region outside those units keep only
+  their input for backward and run again there (so a weight streamed to the device for one call is not held by
+  the graph until backward: the host's trainer does the same for its offloading).
+- ``training_session``: all of the above, and grad mode and the host's training flag, for the loop's duration.
 """
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Iterator, Mapping
 
 import torch
 import torch.utils.checkpoint
+from einops import repeat
 
 from ..kinds.trainable import Trainable
-from .dynamic_vram import keep_weight_functions
+from .dynamic_vram import keep_weight_functions, training_flag
 
 UNET_PREFIX = "diffusion_model."
 
@@ -111,17 +124,162 @@ def _checkpointing_forward(forward):
 
 
 @contextlib.contextmanager
-def checkpointed(layers: list[tuple[str, torch.nn.Module]], enabled: bool = True) -> Iterator[None]:
-    """Run each layer's forward under non-reentrant gradient checkpointing; restore the forwards on exit."""
+def _forwards_replaced(modules, make) -> Iterator[None]:
+    """Each module's forward replaced by ``make(forward)``; the originals restored on exit."""
     patched = []
     try:
-        for _, layer in (layers if enabled else []):
-            patched.append((layer, layer.__dict__.get("forward")))
-            layer.forward = _checkpointing_forward(layer.forward)
+        for module in modules:
+            patched.append((module, module.__dict__.get("forward")))
+            module.forward = make(module.forward)
         yield
     finally:
-        for layer, previous in patched:
+        for module, previous in reversed(patched):
             if previous is None:
-                del layer.forward
+                del module.forward
             else:
-                layer.forward = previous
+                module.forward = previous
+
+
+@contextlib.contextmanager
+def checkpointed(layers: list[tuple[str, torch.nn.Module]], enabled: bool = True) -> Iterator[None]:
+    """Run each layer's forward under non-reentrant gradient checkpointing; restore the forwards on exit."""
+    with _forwards_replaced([layer for _, layer in layers] if enabled else [], _checkpointing_forward):
+        yield
+
+
+_BLOCK = re.compile(r"^(.*\.transformer_blocks\.\d+)\.")
+
+
+def trained_blocks(unet: torch.nn.Module, targets: list[str]) -> list[tuple[str, torch.nn.Module]]:
+    """The transformer blocks holding targets (a target outside any: the UNet layer holding it), in UNet order."""
+    region = grad_region(unet, targets)
+    names = set()
+    for t in targets:
+        block = _BLOCK.match(t)
+        if block is not None:
+            names.add(block.group(1))
+        else:
+            names.update(name for name, _ in region if t.startswith(name + "."))
+    order = {name: i for i, (name, _) in enumerate(unet.named_modules())}
+    return [(n, unet.get_submodule(n)) for n in sorted(names, key=lambda n: order.get(n, 0))]
+
+
+def checkpoint_units(unet: torch.nn.Module, targets: list[str], mode: str) -> list[tuple[str, torch.nn.Module]]:
+    """What backward recomputes for a ``gradient_checkpointing`` mode (``training.CHECKPOINTING``)."""
+    if mode == "off":
+        return []
+    if mode == "all above":
+        return grad_region(unet, targets)
+    return trained_blocks(unet, targets)
+
+
+class _Recomputed(torch.autograd.Function):
+    """y = forward(x) keeping only x: backward runs forward again under grad and back-propagates through it (the
+    weights it uses are streamed again; parameters it reaches, an adapter's, get their gradients there)."""
+
+    @staticmethod
+    def forward(ctx, x, forward):
+        ctx.save_for_backward(x)
+        ctx.run = forward
+        with torch.no_grad():
+            return forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        run, ctx.run = ctx.run, None
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            torch.autograd.backward(run(x), grad)
+        return x.grad, None
+
+
+def _recomputing_forward(forward):
+    def run(x, *args, **kwargs):
+        if args or kwargs or not torch.is_grad_enabled() or not isinstance(x, torch.Tensor):
+            return forward(x, *args, **kwargs)
+        return _Recomputed.apply(x, forward)
+    return run
+
+
+def offload_units(region: list[tuple[str, torch.nn.Module]], units: list[tuple[str, torch.nn.Module]]):
+    """The Linear and conv modules of the backward region outside the checkpointed units."""
+    inside = {id(m) for _, unit in units for m in unit.modules()}
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return [m for _, layer in region for m in layer.modules() if isinstance(m, kinds) and id(m) not in inside]
+
+
+@contextlib.contextmanager
+def offloaded(modules) -> Iterator[None]:
+    """Each module keeps only its input for backward (``_Recomputed``)."""
+    with _forwards_replaced(modules, _recomputing_forward):
+        yield
+
+
+def _add_output(adapter, module, inputs, output):
+    return output + adapter.output_delta(inputs[0]).to(output.dtype)
+
+
+@contextlib.contextmanager
+def on_activations(unet: torch.nn.Module, adapters: Mapping[str, torch.nn.Module]) -> Iterator[None]:
+    """Forward hooks: each targeted Linear adds its adapter's ``output_delta`` to its output."""
+    handles = [unet.get_submodule(p).register_forward_hook(
+        lambda module, inputs, output, a=a: _add_output(a, module, inputs, output)) for p, a in adapters.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _widen(t, seeds: int, rows: int):
+    if isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] == rows:
+        return repeat(t, "b ... -> (n b) ...", n=seeds)
+    return t
+
+
+@contextlib.contextmanager
+def widened_from(layers, seeds: int, rows: int) -> Iterator[None]:
+    """Shared draws: the layers of the trained region get every batch-sized tensor argument widened from ``rows``
+    to seeds·rows (seed-major); what runs before them ran once."""
+    def hook(module, args, kwargs):
+        return tuple(_widen(a, seeds, rows) for a in args), {k: _widen(v, seeds, rows) for k, v in kwargs.items()}
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for _, layer in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def skip_widener(seeds: int):
+    """``output_block_patch``: a skip connection saved before the widening gets widened to match h."""
+    def patch(h, hsp, transformer_options):
+        if hsp is not None and h.shape[0] == seeds * hsp.shape[0]:
+            hsp = repeat(hsp, "b ... -> (n b) ...", n=seeds)
+        return h, hsp
+    return patch
+
+
+@contextlib.contextmanager
+def training_session(unet: torch.nn.Module, adapters: Mapping[str, torch.nn.Module], targets: list[str], config,
+                     ) -> Iterator[None]:
+    """Everything the loop needs on the loaded UNet, undone on exit (even after an error or an interrupt):
+    frozen aliases, the activation-mode adapters' hooks, the seeds' widening (shared draws), checkpointing per
+    ``config.gradient_checkpointing``, offloaded layers (``config.offload``), grad mode, the training flag."""
+    region = grad_region(unet, targets)
+    units = checkpoint_units(unet, targets, config.gradient_checkpointing)
+    activations = {p: a for p, a in adapters.items() if getattr(a, "on_activations", False)}
+    widen = widened_from(region, config.seeds, config.batch_size) \
+        if config.seeds > 1 and config.seed_draws == "shared" else contextlib.nullcontext()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(frozen_aliases(unet))
+        stack.enter_context(on_activations(unet, activations))
+        stack.enter_context(widen)
+        stack.enter_context(checkpointed(units))
+        if config.offload:
+            stack.enter_context(offloaded(offload_units(region, units)))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(training_flag())
+        yield

@@ -95,6 +95,7 @@ class TrainableLoRA(Trainable):
 
     kind = LoRA.name
     plus = ("up",)
+    factored = True
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, magnitude: torch.Tensor | None = None):
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
@@ -127,3 +128,8 @@ class TrainableLoRA(Trainable):
     def delta(self) -> torch.Tensor:
         """scale * up @ down, (out, in), float32."""
         return self.scale * (self.up @ self.down)
+
+    def apply_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """(x downᵀ) upᵀ: rank-r work per row, no (out, in) matrix."""
+        linear = torch.nn.functional.linear
+        return linear(linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))

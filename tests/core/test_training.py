@@ -12,8 +12,9 @@ from blora.adapter import ModuleAdapter
 from blora.errors import BLoRAError
 from blora.train_images import original_sizes, prepare_images, training_size
 from blora.trainable import DORA_EPS, TrainableLoRA
-from blora.training import (TrainConfig, diffusion_loss, make_optimizer, param_groups, sample_batch, sample_flips,
-                            sample_noise, sample_timesteps, select_targets, step_generator, training_target)
+from blora.training import (CHECKPOINTING, TrainConfig, diffusion_loss, make_optimizer, param_groups, sample_batch,
+                            sample_flips, sample_noise, sample_timesteps, select_targets, step_generator,
+                            training_target)
 
 ATTNS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
          "attn2.to_out.0")
@@ -39,8 +40,8 @@ def test_defaults_are_the_paper_recipe():
     assert (c.blocks, c.rank, c.alpha, c.algorithm, c.rslora) == ("content+style", 64, 64.0, "LoRA", False)
     assert (c.learning_rate, c.optimizer, c.weight_decay, c.betas, c.eps) == (5e-5, "AdamW", 1e-4, (0.9, 0.999), 1e-8)
     assert (c.steps, c.batch_size, c.grad_accumulation, c.resolution, c.seed) == (1000, 1, 1, 1024, 0)
-    assert (c.max_grad_norm, c.loraplus_ratio, c.flip, c.gradient_checkpointing, c.save_every) == (1.0, 1.0, False,
-                                                                                                   True, 0)
+    assert (c.max_grad_norm, c.loraplus_ratio, c.flip, c.save_every) == (1.0, 1.0, False, 0)
+    assert (c.gradient_checkpointing, c.offload) == ("trained blocks", False)
     assert c.scale == 1.0 and c.stored_alpha == 64.0 and c.roles == ("content", "style")
 
 
@@ -50,11 +51,20 @@ def test_defaults_are_the_paper_recipe():
     ("steps", 0), ("batch_size", 0), ("grad_accumulation", 0), ("resolution", 32), ("seed", -1),
     ("training_dtype", "fp8"), ("save_every", -5), ("layer_filter", "attn[12"), ("eps", 0.0),
     ("adalora_interval", 0), ("adalora_orth_reg", -0.5), ("lokr_factor", 0), ("adalora_target_rank", -1),
+    ("gradient_checkpointing", "sometimes"),
 ])
 def test_config_refuses_naming_field_and_value(field, value):
     with pytest.raises(BLoRAError) as e:
         TrainConfig(**{field: value})
     assert f"`{field}`" in str(e.value) and repr(value) in str(e.value)
+
+
+def test_gradient_checkpointing_is_a_mode_and_the_old_switch_still_works():
+    assert [TrainConfig(gradient_checkpointing=v).gradient_checkpointing for v in (True, False)] == \
+        ["trained blocks", "off"]
+    assert [TrainConfig(gradient_checkpointing=m).gradient_checkpointing for m in CHECKPOINTING] == \
+        ["off", "trained blocks", "all above"]
+    assert TrainConfig(gradient_checkpointing=False).as_metadata()["blora.train.gradient_checkpointing"] == "off"
 
 
 def test_custom_needs_a_filter_and_betas_are_checked():
