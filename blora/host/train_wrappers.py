@@ -202,9 +202,11 @@ def _recomputing_forward(forward):
     return run
 
 
-def offload_units(region: list[tuple[str, torch.nn.Module]], units: list[tuple[str, torch.nn.Module]]):
-    """The Linear and conv modules of the backward region outside the checkpointed units."""
-    inside = {id(m) for _, unit in units for m in unit.modules()}
+def offload_units(region: list[tuple[str, torch.nn.Module]], units: list[tuple[str, torch.nn.Module]],
+                  weight_functions=()):
+    """The Linear and conv modules of the backward region outside the checkpointed units, but those trained as
+    weight functions (their adapter's parameters must see the forward's graph)."""
+    inside = {id(m) for _, unit in units for m in unit.modules()} | {id(m) for m in weight_functions}
     kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
     return [m for _, layer in region for m in layer.modules() if isinstance(m, kinds) and id(m) not in inside]
 
@@ -279,7 +281,8 @@ def training_session(unet: torch.nn.Module, adapters: Mapping[str, torch.nn.Modu
         stack.enter_context(widen)
         stack.enter_context(checkpointed(units))
         if config.offload:
-            stack.enter_context(offloaded(offload_units(region, units)))
+            trained_weights = [unet.get_submodule(p) for p in adapters if p not in activations]
+            stack.enter_context(offloaded(offload_units(region, units, trained_weights)))
         stack.enter_context(torch.enable_grad())
         stack.enter_context(training_flag())
         yield
