@@ -34,9 +34,9 @@ def column_norm(weight: torch.Tensor) -> torch.Tensor:
     return weight.float().norm(dim=0, keepdim=True)
 
 
-def dora_forward(merged: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """m * W' / (||W'||_col + eps), the norm a constant in backward."""
-    return merged * (magnitude / (column_norm(merged).detach() + DORA_EPS))
+def dora_forward(merged: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """m * W' / (||W'||_col + eps), the norm a constant in backward (``norm``: that of ``merged``, when known)."""
+    return merged * (magnitude / ((column_norm(merged) if norm is None else norm).detach() + DORA_EPS))
 
 
 def initial_magnitude(weight: torch.Tensor) -> torch.Tensor:
@@ -125,10 +125,22 @@ class Trainable(torch.nn.Module):
         if self.magnitude is None:
             merged = base + self.delta().reshape(weight.shape) * self.multiplier
         else:
-            merged = dora_forward(base + self.delta().reshape(weight.shape), self.magnitude)
+            merged = base + self.delta().reshape(weight.shape)
+            merged = dora_forward(merged, self.magnitude, self._step_norm(weight, merged))
             if self.multiplier != 1.0:
                 merged = base + (merged - base) * self.multiplier
         return merged.to(weight.dtype)
+
+    def _step_norm(self, weight: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+        """DoRA's ||W'||_col, computed once per optimizer step: W' changes only when a parameter does (an in-place
+        update bumps its version), so every call in between (micro-batches, checkpoint recomputation) reuses it."""
+        key = (weight.data_ptr(), weight.shape, weight.dtype, weight.device,
+               tuple(p._version for p in self.parameters() if p is not self.magnitude))
+        cached = getattr(self, "_norm", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                self._norm = cached = key, column_norm(merged.detach())
+        return cached[1]
 
     def export(self, alpha: float, dtype: torch.dtype = torch.float32) -> ModuleAdapter:
         """The trained module as a ModuleAdapter of this kind (detached copies in ``dtype``); ``alpha``: the

@@ -209,3 +209,31 @@ def test_dora_and_loha_stay_weight_functions_and_multiplier_scales_their_change(
     a.multiplier = 0.5
     torch.testing.assert_close(a(weight), weight + 0.5 * (full - weight), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(full, weight, atol=1e-3)
+
+
+def test_dora_norm_is_computed_once_per_step_and_follows_every_update():
+    """The column norm is reused between optimizer steps (a checkpoint recomputation, another micro-batch) and
+    recomputed after one; the layer is always exactly the uncached DoRA weight."""
+    weight = torch.randn(24, 16, generator=gen(1))
+    a = _trained(REGISTRY["DoRA"].fresh(weight, TrainConfig(rank=4, algorithm="DoRA"), gen()))
+    calls = []
+    import blora.kinds.trainable as trainable
+
+    def counted(w):
+        calls.append(1)
+        return torch.linalg.vector_norm(w.float(), dim=0, keepdim=True)
+
+    original, trainable.column_norm = trainable.column_norm, counted
+    try:
+        optimizer = torch.optim.SGD(a.parameters(), lr=0.1)
+        for _ in range(2):
+            first, again = a(weight), a(weight)
+            assert torch.equal(first, again)
+            merged = weight + a.delta()
+            torch.testing.assert_close(first, merged * (a.magnitude / (merged.norm(dim=0, keepdim=True) + 1.2e-7)),
+                                       rtol=1e-6, atol=1e-6)
+            first.sum().backward()
+            optimizer.step()
+        assert len(calls) == 2
+    finally:
+        trainable.column_norm = original
