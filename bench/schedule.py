@@ -45,7 +45,7 @@ def blora(model, rank: int = 64, seed: int = 3):
 
 
 def bench_model(label: str, model, context_dim: int, latent_hw: int, steps: int, repeats: int) -> dict:
-    from blora.host.dynamic import scheduled_clone
+    from blora.host.realise import scheduled_clone
     from blora.schedule import parse_schedule
 
     adapter = blora(model)

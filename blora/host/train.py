@@ -21,8 +21,9 @@ from ..blocks import block_of
 from ..kinds.trainable import Trainable
 from ..loss_history import losses_in
 from ..training import TrainConfig, make_optimizer, select_targets
-from .dynamic_vram import is_dynamic, restream_weights, training_flag
-from .patch import model_weight_shapes, patched_clone, require_sdxl
+from .compat import is_dynamic, restream_weights, training_flag
+from .patch import model_weight_shapes, require_sdxl
+from .realise import patched_clone
 from .train_inputs import ModelSchedule, model_schedule, prepare_samples
 from .train_loop import TrainState, run_loop
 from .output_files import check_prefix, save_target

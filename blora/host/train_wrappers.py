@@ -19,7 +19,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..kinds.trainable import Trainable
-from .dynamic_vram import keep_weight_functions
+from .compat import keep_weight_functions
 
 UNET_PREFIX = "diffusion_model."
 
