@@ -86,7 +86,9 @@ Entry = Union[Static, Timed, Switched, Routed, Trained]
 @dataclass
 class Widen:
     """Multi-seed training with shared draws: the batch is widened from ``rows`` to seeds·rows (seed-major) at
-    the first layer of ``layers`` (canonical layer paths, e.g. ``output_blocks.0.1``), skip connections included."""
+    every layer of ``layers`` (canonical layer paths of every UNet layer from the first trained one to the end, e.g.
+    ``output_blocks.0.1`` …, ``out``: a forward pre-hook widens each batch-sized argument), skip connections included
+    (an output_block_patch)."""
 
     seeds: int
     rows: int
