@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+
+import torch
 
 from ..adapter import Adapter, ModuleAdapter
 
@@ -113,9 +114,6 @@ class Plan:
         """(path, entry) of one entry type, in order."""
         return ((p, e) for p, e in self.entries if isinstance(e, kind))
 
-    def __bool__(self) -> bool:
-        return bool(self.entries) or self.widen is not None
-
 
 def unet_modules(adapter: Adapter) -> dict[str, ModuleAdapter]:
     """The adapter's UNet modules (text-encoder modules left out and logged: B-LoRA patches the MODEL only)."""
@@ -146,12 +144,14 @@ def timed_plan(parts: Mapping[str, tuple[Adapter, Callable[[float], float]]], pl
     return plan
 
 
-def trained_plan(layers: Mapping[str, Any], mode: str = "activation", compute_dtype: Any = None,
+def trained_plan(layers: Mapping[str, Any], mode: str | None = None, compute_dtype: Any = None,
                  widen: Widen | None = None) -> Plan:
-    """path -> trainable layer object, each installed in ``mode`` ("weight" or "activation")."""
+    """path -> trainable layer object, each installed in ``mode`` ("weight" or "activation"); None: per layer,
+    "activation" when the layer says ``on_activations`` (factored kinds without DoRA), else "weight"."""
     plan = Plan(compute_dtype=compute_dtype, widen=widen)
     for path, layer in layers.items():
-        plan.add(path, Trained(layer, mode))
+        chosen = mode or ("activation" if getattr(layer, "on_activations", False) else "weight")
+        plan.add(path, Trained(layer, chosen))
     return plan
 
 
@@ -164,8 +164,7 @@ def same_parts(a: Sequence[Static], b: Sequence[Static]) -> bool:
 
 
 def same_module(a: ModuleAdapter, b: ModuleAdapter) -> bool:
-    import torch
-
+    """True when two modules hold the same kind, alpha, DoRA form and tensors."""
     if (a.kind, a.alpha, a.dora_norm, a.tensors.keys()) != (b.kind, b.alpha, b.dora_norm, b.tensors.keys()):
         return False
     pairs = [(a.tensors[k], b.tensors[k]) for k in a.tensors] + [(a.dora_scale, b.dora_scale)]
@@ -197,8 +196,3 @@ def batched_plan(entries: Sequence[Sequence[tuple[Adapter, float]]]) -> Plan:
             statics.add(path, Static(module, strength, SHARED_SOURCE))
     statics.entries += plan.entries
     return statics
-
-
-def signal(fn: Callable[..., float], *args) -> Callable[[float], float]:
-    """A signal f(progress) from a function of (*args, progress)."""
-    return partial(fn, *args)

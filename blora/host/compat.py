@@ -63,6 +63,11 @@ def stored_weight(key_patches, key: str) -> tuple[torch.Tensor, list]:
     return convert(weight.to(torch.float32, copy=True), inplace=True), list(patches)
 
 
+def stored_dtype(key_patches, key: str) -> torch.dtype:
+    """The dtype ``key`` is stored in (key_patches: ``ModelPatcher.get_key_patches(prefix)``)."""
+    return key_patches[key][0][0].dtype
+
+
 def weight_functions(patcher) -> dict[str, list]:
     """key -> the weight functions registered on ``patcher`` (``add_weight_wrapper``)."""
     return patcher.weight_wrapper_patches

@@ -125,7 +125,7 @@ def render_peft_dora(path: str, module: ModuleAdapter, key_patches: Mapping[str,
     """``module`` itself, or for a PEFT DoRA module its diff against the model's current weight (module docstring)."""
     if module.dora_norm != PEFT_DORA:
         return module
-    stored = key_patches[weight_key(path)][0][0].dtype
+    stored = compat.stored_dtype(key_patches, weight_key(path))
     dtype = stored if stored.itemsize >= 2 else torch.bfloat16  # 8-bit weights: a 16-bit diff
     return peft_dora_diff(module, current_weight(key_patches, path), dtype)
 

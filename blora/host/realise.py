@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import replace
+from functools import partial
 from typing import Iterator, Mapping, Sequence
 
 import comfy.patcher_extension
@@ -379,7 +380,7 @@ def scheduled_clone(model, roles: Mapping[str, tuple[Adapter | None, Schedule]])
     timed = {}
     for role, (adapter, schedule) in dynamic.items():
         (part, _), = role_parts({role: (adapter, 1.0)})
-        timed[role] = (part, lambda p, schedule=schedule: strength_at(schedule, p))
+        timed[role] = (part, partial(strength_at, schedule))
     timed_plan(timed, plan)
     if dynamic:
         log.info("B-LoRA schedule: %d layers follow a schedule (%s)", sum(1 for _ in plan.of(Timed)),

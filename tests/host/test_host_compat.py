@@ -63,7 +63,9 @@ def test_key_patches_hold_the_stored_weight_then_the_tuples_add_patches_makes(ti
     patch = ("diff", (diff,))
     assert clone.add_patches({key: patch}, 0.5) == [key]
     assert clone.patches[key] == [compat.patch_tuple(patch, 0.5)]
-    stored, patches = compat.stored_weight(clone.get_key_patches("diffusion_model."), key)
+    key_patches = clone.get_key_patches("diffusion_model.")
+    assert compat.stored_dtype(key_patches, key) == tiny_model.model.state_dict()[key].dtype
+    stored, patches = compat.stored_weight(key_patches, key)
     assert torch.equal(stored, tiny_model.model.state_dict()[key].float()) and patches == clone.patches[key]
     rendered = compat.render(patches, stored.clone(), key)
     torch.testing.assert_close(rendered, stored + 0.5 * diff)
