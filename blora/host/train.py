@@ -5,8 +5,8 @@ Order of work: every check that can fail on the inputs (architecture, schedule, 
 conditioning, resume file) runs before training starts, so bad input writes nothing. Training runs under
 ``torch.inference_mode(False)`` on a clone of the input ModelPatcher, loaded through
 ``comfy.model_management.load_models_gpu`` (fully, or partly with ``offload``: the host streams the rest); the
-adapters are installed by ``train_wrappers`` (on the activations, or as weight functions for DoRA and LoHa); the
-base weights are only read. The loop is ``train_loop.run_loop``.
+adapters are installed by the plan realiser (``train_wrappers.training_plan``: on the activations, or as weight
+functions for DoRA and LoHa; ``realise.installed`` holds them for the run); the base weights are only read. The loop is ``train_loop.run_loop``.
 """
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ from ..errors import BLoRAError
 from ..loss_history import losses_in
 from ..seeds import seeds_of
 from ..training import TrainConfig, make_optimizer, select_targets
-from .dynamic_vram import is_dynamic, restream_weights
-from .patch import model_weight_shapes, patched_clone, require_sdxl
+from .compat import is_dynamic, restream_weights
+from .patch import model_weight_shapes, require_sdxl
+from .realise import installed, patched_clone, realise
 from .train_inputs import ModelSchedule, model_schedule, prepare_samples
 from .train_loop import TrainState, run_loop
 from .output_files import check_prefix, save_target
 from .train_save import base_model_fingerprint, save_dtype, steps_in, train_metadata, write_trained
-from .train_wrappers import skip_widener, strip_wrappers, trainable_clone, training_session
+from .train_wrappers import training_plan, training_session
 
 log = logging.getLogger(__name__)
 LOAD_ALL_MEMORY = 1e20  # ask load_models_gpu to free everything else: training needs the room
@@ -98,26 +99,19 @@ def _adapters(model, targets: list[str], config: TrainConfig, resume: Adapter | 
 
 def _fit(model, adapters, targets, samples, schedule: ModelSchedule, config: TrainConfig, node_id, on_checkpoint,
          on_step, steps_before) -> list[list[float]]:
-    weight_functions = {p: a for p, a in adapters.items() if not getattr(a, "on_activations", False)}
-    clone = trainable_clone(model, weight_functions, config.dtype)
-    if config.seeds > 1 and config.seed_draws == "shared":
-        clone.set_model_output_block_patch(skip_widener(config.seeds))
+    clone = realise(model, training_plan(model.model.diffusion_model, adapters, config))
     comfy.model_management.load_models_gpu([clone], memory_required=LOAD_ALL_MEMORY,
                                            force_full_load=not config.offload)
     base = clone.model
     unet = base.diffusion_model
     if is_dynamic(clone):  # VRAM copies streamed during an earlier sampling run are inference tensors
         restream_weights(unet)
-    state = TrainState(config, unet, schedule, samples, adapters, make_optimizer(adapters, config),
-                       torch.amp.GradScaler(clone.load_device.type, enabled=config.training_dtype == "fp16"),
-                       dict(clone.model_options.get("transformer_options", {})),
-                       base.manual_cast_dtype or base.get_dtype(), clone.load_device, steps_before,
-                       latent_format=base.latent_format, allocator=rank_allocator(adapters, config))
-    try:
-        with training_session(unet, adapters, targets, config):
-            return run_loop(state, node_id, on_checkpoint, on_step)
-    finally:
-        strip_wrappers(unet, weight_functions)
+    with installed(clone) as options, training_session(unet, adapters, targets, config):
+        state = TrainState(config, unet, schedule, samples, adapters, make_optimizer(adapters, config),
+                           torch.amp.GradScaler(clone.load_device.type, enabled=config.training_dtype == "fp16"),
+                           dict(options), base.manual_cast_dtype or base.get_dtype(), clone.load_device, steps_before,
+                           latent_format=base.latent_format, allocator=rank_allocator(adapters, config))
+        return run_loop(state, node_id, on_checkpoint, on_step)
 
 
 def _per_seed(adapters: dict[str, torch.nn.Module], n: int, seeds: int) -> dict[str, torch.nn.Module]:

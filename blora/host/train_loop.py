@@ -13,7 +13,6 @@ non-finite check happens there.
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,6 +29,7 @@ from ..seeds import clip_per_seed, seeds_of
 from ..train_dataset import sample_bucketed_batch
 from ..training import (TrainConfig, diffusion_loss, sample_flips, sample_noise, sample_timesteps, step_generator,
                         training_target)
+from . import compat
 from .train_inputs import ModelSchedule, Sample, batch_of, buckets
 
 PROGRESS_EVENT = "blora.train.progress"
@@ -164,8 +164,7 @@ def train_step(state: TrainState, step: int) -> torch.Tensor:
 
 def progress_sender(node_id: str | None) -> Callable[[dict], None] | None:
     """Sends ``blora.train.progress`` to the prompt's client when a ComfyUI server runs in this process."""
-    server = sys.modules.get("server")  # the host's server module, loaded only when a server runs
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    instance = compat.prompt_server()
     if instance is None or node_id is None:
         return None
     return lambda payload: instance.send_sync(PROGRESS_EVENT, dict(payload, node=node_id), instance.client_id)

@@ -1,12 +1,9 @@
-"""Trainable adapters on the host's ModelPatcher, and the temporary state training needs on the shared UNet: every
-patch training installs on the host's model is made here (one module the plan realiser can take over).
+"""The temporary state training needs on the shared UNet, besides its trainable layers (those the plan realiser
+installs: ``training_plan`` says how; ``blora.host.realise.installed`` holds them for the run).
 
-- ``trainable_clone``: a clone of the input ModelPatcher with one weight wrapper per targeted Linear trained as a
-  weight function (DoRA, LoHa: ``ModelPatcher.add_weight_wrapper``); nothing else is wrapped.
-- ``on_activations``: a forward hook on every other targeted Linear adds the adapter's ``output_delta(x)`` to the
-  frozen layer's output (LoRA, rsLoRA, LoRA+, AdaLoRA, LoKr; stacked seeds): no merged weight is ever made.
-- seeds with shared draws: ``widened_from`` (forward pre-hooks) and ``skip_widener`` (an ``output_block_patch``)
-  widen the batch to N·B rows at the first trained layer.
+- ``training_plan``: the adapters as ``Trained`` plan entries: on the activations (``output_delta``: LoRA, rsLoRA,
+  LoRA+, AdaLoRA, LoKr; stacked seeds) or as weight functions (DoRA, LoHa); with shared seed draws, the widening of
+  the batch to N·B rows from the first trained layer on (``Widen``).
 - ``frozen_aliases``: while training, every UNet parameter is replaced by a zero-copy alias of the same storage
   that is an ordinary (not inference-mode) tensor with ``requires_grad=False``. Weights a node receives are
   inference tensors, which autograd refuses to save for backward; the aliases cost no memory and no copies, and
@@ -29,29 +26,10 @@ from typing import Iterator, Mapping
 
 import torch
 import torch.utils.checkpoint
-from einops import repeat
 
-from ..kinds.trainable import Trainable
-from .dynamic_vram import keep_weight_functions, training_flag
-
-UNET_PREFIX = "diffusion_model."
-
-
-def weight_key(path: str) -> str:
-    return f"{UNET_PREFIX}{path}.weight"
-
-
-def trainable_clone(model, adapters: Mapping[str, Trainable], compute_dtype: torch.dtype | None):
-    """A clone of ``model`` whose targeted weights go through their adapter (W -> adapter(W)) in every forward.
-
-    compute_dtype: set as the clone's manual-cast dtype when it differs from the weights' dtype."""
-    clone = model.clone()
-    if compute_dtype is not None and compute_dtype != clone.model.get_dtype():
-        clone.set_model_compute_dtype(compute_dtype)
-    for path, adapter in adapters.items():
-        clone.add_weight_wrapper(weight_key(path), adapter)
-    return keep_weight_functions(clone)
-
+from ..compose.plan import Plan, Widen, trained_plan
+from . import compat
+from .compat import training_flag
 
 def _alias(t: torch.Tensor) -> torch.nn.Parameter:
     """A frozen Parameter over an ordinary tensor sharing ``t``'s storage (no copy), outside any autograd graph,
@@ -60,9 +38,7 @@ def _alias(t: torch.Tensor) -> torch.nn.Parameter:
     with torch.inference_mode(False):
         alias = torch.nn.Parameter(torch.empty(0, dtype=t.dtype, device=t.device).set_(
             t.untyped_storage(), t.storage_offset(), t.size(), t.stride()), requires_grad=False)
-    for name, value in vars(t).items():
-        setattr(alias, name, value)
-    return alias
+    return compat.copy_host_tags(t, alias)
 
 
 @contextlib.contextmanager
@@ -80,16 +56,6 @@ def frozen_aliases(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for owner, name, p in originals:
             owner._parameters[name] = p
-
-
-def strip_wrappers(module: torch.nn.Module, adapters: Mapping[str, Trainable]) -> None:
-    """Remove the adapters from the modules' weight functions (the host would on its next load; this makes sure
-    no later call of the shared UNet runs them)."""
-    ours = {id(a) for a in adapters.values()}
-    for m in module.modules():
-        functions = getattr(m, "weight_function", None)
-        if functions and any(id(f) in ours for f in functions):
-            m.weight_function = [f for f in functions if id(f) not in ours]
 
 
 def unet_layers(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -218,71 +184,32 @@ def offloaded(modules) -> Iterator[None]:
         yield
 
 
-def _add_output(adapter, module, inputs, output):
-    return output + adapter.output_delta(inputs[0]).to(output.dtype)
-
-
-@contextlib.contextmanager
-def on_activations(unet: torch.nn.Module, adapters: Mapping[str, torch.nn.Module]) -> Iterator[None]:
-    """Forward hooks: each targeted Linear adds its adapter's ``output_delta`` to its output."""
-    handles = [unet.get_submodule(p).register_forward_hook(
-        lambda module, inputs, output, a=a: _add_output(a, module, inputs, output)) for p, a in adapters.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _widen(t, seeds: int, rows: int):
-    if isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] == rows:
-        return repeat(t, "b ... -> (n b) ...", n=seeds)
-    return t
-
-
-@contextlib.contextmanager
-def widened_from(layers, seeds: int, rows: int) -> Iterator[None]:
-    """Shared draws: the layers of the trained region get every batch-sized tensor argument widened from ``rows``
-    to seeds·rows (seed-major); what runs before them ran once."""
-    def hook(module, args, kwargs):
-        return tuple(_widen(a, seeds, rows) for a in args), {k: _widen(v, seeds, rows) for k, v in kwargs.items()}
-
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for _, layer in layers]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def skip_widener(seeds: int):
-    """``output_block_patch``: a skip connection saved before the widening gets widened to match h."""
-    def patch(h, hsp, transformer_options):
-        if hsp is not None and h.shape[0] == seeds * hsp.shape[0]:
-            hsp = repeat(hsp, "b ... -> (n b) ...", n=seeds)
-        return h, hsp
-    return patch
+def training_plan(unet: torch.nn.Module, adapters: Mapping[str, torch.nn.Module], config) -> Plan:
+    """The trainable layers as a plan for the realiser: each adapter on the activations when it says
+    ``on_activations``, else as a weight function; compute dtype the training dtype; seeds with shared draws widen
+    the batch at every layer from the first trained one (``grad_region``)."""
+    widen = None
+    if config.seeds > 1 and config.seed_draws == "shared":
+        layers = tuple(name for name, _ in grad_region(unet, list(adapters)))
+        widen = Widen(seeds=config.seeds, rows=config.batch_size, layers=layers)
+    return trained_plan(adapters, compute_dtype=config.dtype, widen=widen)
 
 
 @contextlib.contextmanager
 def training_session(unet: torch.nn.Module, adapters: Mapping[str, torch.nn.Module], targets: list[str], config,
                      ) -> Iterator[None]:
-    """Everything the loop needs on the loaded UNet, undone on exit (even after an error or an interrupt):
-    frozen aliases, the activation-mode adapters' hooks, the seeds' widening (shared draws), checkpointing per
-    ``config.gradient_checkpointing``, offloaded layers (``config.offload``), grad mode, the training flag."""
+    """Everything the loop needs on the loaded UNet besides the trainable layers (``realise.installed``), undone on
+    exit (even after an error or an interrupt): frozen aliases, checkpointing per ``config.gradient_checkpointing``,
+    offloaded layers (``config.offload``), grad mode, the training flag."""
     region = grad_region(unet, targets)
     units = checkpoint_units(unet, targets, config.gradient_checkpointing)
-    activations = {p: a for p, a in adapters.items() if getattr(a, "on_activations", False)}
-    widen = widened_from(region, config.seeds, config.batch_size) \
-        if config.seeds > 1 and config.seed_draws == "shared" else contextlib.nullcontext()
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen_aliases(unet))
-        stack.enter_context(on_activations(unet, activations))
-        stack.enter_context(widen)
         stack.enter_context(checkpointed(units))
         if config.offload:
-            trained_weights = [unet.get_submodule(p) for p in adapters if p not in activations]
-            stack.enter_context(offloaded(offload_units(region, units, trained_weights)))
+            weight_functions = [unet.get_submodule(p) for p, a in adapters.items()
+                                if not getattr(a, "on_activations", False)]
+            stack.enter_context(offloaded(offload_units(region, units, weight_functions)))
         stack.enter_context(torch.enable_grad())
         stack.enter_context(training_flag())
         yield

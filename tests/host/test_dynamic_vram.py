@@ -1,9 +1,10 @@
-"""The pack's measures for the host's dynamic VRAM loader (blora/host/dynamic_vram.py), on CPU.
+"""The pack's measures for the host's dynamic VRAM loader (blora/host/compat.py), on CPU.
 
 On CPU the host hands back a plain ModelPatcher (ModelPatcherDynamic needs a GPU: bench/gpu_check.py runs the real
 thing). Here each measure is checked against the host state it reacts to, made the way the dynamic loader leaves
 it: a module whose ``weight_function`` list the loader did not set, a VRAM copy marked resident, a weight tagged
-with ``_model_dtype``."""
+with the loader's tags. That the loader really leaves that state (the attribute names, the 16 KiB force-load, the
+tags) is checked in the host's own source by tests/host/test_host_compat.py, on both hosts."""
 from __future__ import annotations
 
 import importlib
@@ -23,8 +24,8 @@ def host(comfy_host):
     import comfy.model_patcher
     import comfy.patcher_extension
 
-    dv = importlib.import_module("blora.host.dynamic_vram")
-    fused_clone = importlib.import_module("blora.host.dynamic").fused_clone
+    dv = importlib.import_module("blora.host.compat")
+    fused_clone = importlib.import_module("blora.host.realise").fused_clone
     frozen_aliases = importlib.import_module("blora.host.train_wrappers").frozen_aliases
 
     class DynamicFlagged(comfy.model_patcher.ModelPatcher):
@@ -53,7 +54,9 @@ def test_weight_functions_reach_modules_the_loader_skipped_and_leave_on_detach(t
     on_detach = [c for c in _callbacks(fused, comfy.patcher_extension.CallbacksMP.ON_DETACH)]
     assert len(on_load) == 1 and len(on_detach) >= 1
     dynamic = DynamicFlagged(fused.model, fused.load_device, fused.offload_device)
-    dynamic.weight_wrapper_patches = fused.weight_wrapper_patches
+    for key, functions in dv.weight_functions(fused).items():  # through the host's own API
+        for function in functions:
+            dynamic.add_weight_wrapper(key, function)
     key = sorted(fused.weight_wrapper_patches)[0]
     module = fused.model.get_submodule(key.rsplit(".", 1)[0])
     other = object()
@@ -98,15 +101,17 @@ def test_restream_marks_resident_copies_stale(tiny_model):
 def test_frozen_aliases_keep_the_host_tags(tiny_model):
     unet = tiny_model.model.diffusion_model
     name, param = next(iter(unet.named_parameters()))
-    param._model_dtype = torch.bfloat16  # the dynamic loader's tag: the dtype its VRAM copy is cast to
+    for tag in dv.HOST_TENSOR_TAGS:  # the dynamic loader's tags (_model_dtype: the dtype its VRAM copy is cast to)
+        setattr(param, tag, torch.bfloat16)
     try:
         with frozen_aliases(unet):
             alias = unet.get_parameter(name)
             assert alias is not param and alias.data_ptr() == param.data_ptr() and not alias.requires_grad
-            assert alias._model_dtype is torch.bfloat16
+            assert all(getattr(alias, tag) is torch.bfloat16 for tag in dv.HOST_TENSOR_TAGS)
         assert unet.get_parameter(name) is param
     finally:
-        del param._model_dtype
+        for tag in dv.HOST_TENSOR_TAGS:
+            delattr(param, tag)
 
 
 def test_training_flag_is_raised_only_inside():

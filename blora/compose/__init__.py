@@ -1,0 +1,1 @@
+"""Composing adapters: what each feature wants done to the model, as data (``plan``)."""
