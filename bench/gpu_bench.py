@@ -129,36 +129,59 @@ def _peak_gib(device, rss0_kb: int) -> float:
     return max(0, _rss_kb("VmHWM") - rss0_kb) / 2 ** 20
 
 
+def _patcher(make, init):
+    """A patcher as the host's checkpoint loader makes one: ``gpu_check._loaded_patcher`` where the host has the
+    dynamic loader's memory management (0.33+), else the model made, filled and wrapped under inference mode with
+    the host's load and offload devices (0.3.64)."""
+    import importlib.util
+
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import gpu_check
+    import torch
+
+    if importlib.util.find_spec("comfy.memory_management") is not None:
+        return gpu_check._loaded_patcher(make, init)
+    with torch.inference_mode():
+        model = make()
+        init(model.diffusion_model)
+        return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                                offload_device=mm.unet_offload_device())
+
+
 def build(ns):
     """(patcher factory, vae, context dim, dtype name): the full-width SDXL UNet in bf16, or the tiny test model
     in fp32 (--toy)."""
-    import gpu_check
+    import comfy.supported_models
     import torch
 
     from blora_testkit.tiny_vae import tiny_vae
 
     if ns.toy:
-        return gpu_check.tiny_patcher, tiny_vae(0), 64, "fp32"
+        from blora_testkit.tiny_sdxl import init_weights_, tiny_model_config
 
-    def full():
-        import comfy.supported_models
-        from benchkit import FULL_SDXL_EXTRA, fill_random_
-
-        def make():
-            config = comfy.supported_models.SDXL(dict(comfy.supported_models.SDXL.unet_config, **FULL_SDXL_EXTRA))
-            config.set_inference_dtype(torch.bfloat16, None)
+        def make_tiny():
+            config = tiny_model_config()
+            config.set_inference_dtype(torch.float32, None)
             return config.get_model({})
 
-        def init(unet):
-            fill_random_(unet, torch.bfloat16)
-            with torch.no_grad():  # the resblock and output GroupNorms at 1, not 0 (gpu_check.full_patcher)
-                for m in unet.modules():
-                    if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
-                        m.weight.fill_(1.0)
+        return (lambda: _patcher(make_tiny, lambda unet: init_weights_(unet, 0))), tiny_vae(0), 64, "fp32"
 
-        return gpu_check._loaded_patcher(make, init)
+    from benchkit import FULL_SDXL_EXTRA, fill_random_
 
-    return full, tiny_vae(0), 2048, "bf16"
+    def make():
+        config = comfy.supported_models.SDXL(dict(comfy.supported_models.SDXL.unet_config, **FULL_SDXL_EXTRA))
+        config.set_inference_dtype(torch.bfloat16, None)
+        return config.get_model({})
+
+    def init(unet):
+        fill_random_(unet, torch.bfloat16)
+        with torch.no_grad():  # the resblock and output GroupNorms at 1, not 0 (gpu_check.full_patcher)
+            for m in unet.modules():
+                if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                    m.weight.fill_(1.0)
+
+    return (lambda: _patcher(make, init)), tiny_vae(0), 2048, "bf16"
 
 
 def inputs(ns, vae, context_dim: int, res: int):

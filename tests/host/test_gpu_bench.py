@@ -21,7 +21,7 @@ def test_gpu_bench_runs_every_variant_at_toy_size_on_the_cpu(comfy_host, tmp_pat
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = out.read_text()
-    assert "No GPU run has happened yet" in text and "[dynamic: dynamic VRAM off (unavailable: CPU device)]" in text
+    assert "No GPU run has happened yet" in text and "[dynamic: dynamic VRAM off (unavailable: " in text
     measured = {m["name"]: float(m["step"]) for m in map(FIGURES.match, text.splitlines()) if m}
     expected = [f"ours, {mode}{offload}" for offload in ("", ", offload")
                 for mode in ("off", "trained blocks", "all above")]
@@ -29,11 +29,11 @@ def test_gpu_bench_runs_every_variant_at_toy_size_on_the_cpu(comfy_host, tmp_pat
                  "host TrainLoraNode, bypass off, checkpoint_depth 1"]
     from comfy_extras import nodes_train
 
-    if "bypass_mode" in inspect.signature(nodes_train.TrainLoraNode.execute).parameters:  # 0.33+
+    execute = getattr(nodes_train.TrainLoraNode, "execute", None)
+    if execute is not None and "bypass_mode" in inspect.signature(execute).parameters:  # 0.33+
         expected.append("host TrainLoraNode, bypass on, checkpoint_depth 1")
-    else:
-        assert "bypass on, checkpoint_depth 1          failed: RuntimeError: this host's TrainLoraNode has no " \
-               "bypass_mode" in text
+    else:  # 0.3.64: said so, the rest measured
+        assert "bypass on, checkpoint_depth 1          failed: RuntimeError: this host's TrainLoraNode has no " in text
     assert sorted(measured) == sorted(expected) and all(v > 0 for v in measured.values()), text
     for line in ("ratio ours (trained blocks) / minimal loop without checkpointing:", "offload cost (off): step",
                  "ratio ours (default) / host TrainLoraNode bypass off"):
