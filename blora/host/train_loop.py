@@ -91,8 +91,15 @@ def draw_batch(config: TrainConfig, schedule: ModelSchedule, samples: list[Sampl
     flips = sample_flips(config.batch_size, config.flip, g)
     timesteps = sample_timesteps(config.batch_size, len(schedule.sigmas), g)
     x0, context, y = batch_of(samples, indices, flips)
-    noise = sample_noise(x0.shape, g).to(device)
-    return x0, context, y, noise, schedule.sigmas[timesteps].to(device)
+    return x0, context, y, to_device(sample_noise(x0.shape, g), device), to_device(schedule.sigmas[timesteps], device)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU draw on the training device; on CUDA through pinned memory without blocking, so the host does not
+    wait for the device's queued work (an ordinary copy from pageable memory would)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _autocast(state: TrainState):
