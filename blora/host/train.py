@@ -6,7 +6,8 @@ conditioning, resume file) runs before training starts, so bad input writes noth
 ``torch.inference_mode(False)`` on a clone of the input ModelPatcher, loaded through
 ``comfy.model_management.load_models_gpu`` (fully, or partly with ``offload``: the host streams the rest); the
 adapters are installed by the plan realiser (``train_wrappers.training_plan``: on the activations, or as weight
-functions for DoRA and LoHa; ``realise.installed`` holds them for the run); the base weights are only read. The loop is ``train_loop.run_loop``.
+functions for DoRA and LoHa; ``realise.installed`` holds them for the run); the base weights are only read. The
+loop is ``train_loop.run_loop``.
 """
 from __future__ import annotations
 

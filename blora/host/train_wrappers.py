@@ -31,6 +31,7 @@ from ..compose.plan import Plan, Widen, trained_plan
 from . import compat
 from .compat import training_flag
 
+
 def _alias(t: torch.Tensor) -> torch.nn.Parameter:
     """A frozen Parameter over an ordinary tensor sharing ``t``'s storage (no copy), outside any autograd graph,
     carrying the attributes the host set on ``t`` (0.33's dynamic loader tags weights with ``_model_dtype``, the
