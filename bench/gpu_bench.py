@@ -199,7 +199,7 @@ def run_ours(job, ns, patcher, vae, context_dim, dtype, device) -> dict:
     import torch
 
     from blora.host.train import train_blora
-    from blora.training import TrainConfig
+    from blora.train.recipe import TrainConfig
 
     image, cond = inputs(ns, vae, context_dim, job["res"])
     window = Window(device, ns.warmup, ns.warmup + job["steps"])
@@ -246,7 +246,7 @@ def run_minimal(job, ns, patcher, vae, context_dim, dtype, device) -> dict:
     import torch
 
     from blora.host.train import linear_paths
-    from blora.training import TRAINING_DTYPES, TrainConfig, select_targets
+    from blora.train.recipe import TRAINING_DTYPES, TrainConfig, select_targets
 
     torch_dtype = TRAINING_DTYPES[dtype]
     unet = patcher.model.diffusion_model

@@ -1,5 +1,5 @@
 """Train B-LoRA on the host's own model patcher, one seed or several (``train_runs``; ``train_blora`` for one,
-``blora.host.train_seeds.train_blora_seeds`` for N), every algorithm through ``blora.algorithms.REGISTRY``.
+``blora.host.train_seeds.train_blora_seeds`` for N), every algorithm through ``blora.train.algorithms.REGISTRY``.
 
 Order of work: every check that can fail on the inputs (architecture, schedule, targets, file name, images,
 conditioning, resume file) runs before training starts, so bad input writes nothing. Training runs under
@@ -19,18 +19,18 @@ from typing import Any, Callable
 import comfy.model_management
 import torch
 
-from ..adapter import Adapter, check_fits
-from ..algorithms import (check_resume, check_stackable, export, new_adapters, rank_allocator, resumed_adapters,
-                          stacked_adapters)
+from ..adapters.adapter import Adapter, check_fits
+from ..train.algorithms import (check_resume, check_stackable, export, new_adapters, rank_allocator, resumed_adapters,
+                                stacked_adapters)
 from ..blocks import block_of
 from ..errors import BLoRAError
-from ..loss_history import losses_in
-from ..seeds import seeds_of
-from ..training import TrainConfig, make_optimizer, select_targets
+from ..train.loss_history import losses_in
+from ..train.seeds import seeds_of
+from ..train.recipe import TrainConfig, make_optimizer, select_targets
 from .compat import is_dynamic, restream_weights
 from .patch import model_weight_shapes, require_sdxl
 from .realise import installed, patched_clone, realise
-from .train_inputs import ModelSchedule, model_schedule, prepare_samples
+from .train_inputs import NoiseSchedule, noise_schedule, prepare_samples
 from .train_loop import TrainState, run_loop
 from .output_files import check_prefix, save_target
 from .train_save import base_model_fingerprint, save_dtype, steps_in, train_metadata, write_trained
@@ -98,7 +98,7 @@ def _adapters(model, targets: list[str], config: TrainConfig, resume: Adapter | 
     return new_adapters(weights, config)
 
 
-def _fit(model, adapters, targets, samples, schedule: ModelSchedule, config: TrainConfig, node_id, on_checkpoint,
+def _fit(model, adapters, targets, samples, schedule: NoiseSchedule, config: TrainConfig, node_id, on_checkpoint,
          on_step, steps_before) -> list[list[float]]:
     clone = realise(model, training_plan(model.model.diffusion_model, adapters, config))
     comfy.model_management.load_models_gpu([clone], memory_required=LOAD_ALL_MEMORY,
@@ -131,7 +131,7 @@ def train_runs(model, vae, images, positive, config: TrainConfig, filename_prefi
     if resume is not None and config.seeds > 1:
         raise BLoRAError("resume_from works with seeds = 1: resume one seed's file on its own")
     require_sdxl(model)
-    schedule = model_schedule(model)
+    schedule = noise_schedule(model)
     targets = select_targets(linear_paths(model), config)
     if resume is not None:
         check_fits(resume, model_weight_shapes(model))

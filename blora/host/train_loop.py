@@ -2,12 +2,12 @@
 ``grad_accumulation`` micro-batches; host progress (``comfy.utils.ProgressBar``) and an interrupt check every step,
 a ``blora.train.progress`` server message when a server runs, checkpoints and ``on_step`` through callbacks.
 
-Seeds: ``config.seeds`` adapters stacked per layer (``blora.seeds``), batch rows seed-major; each seed's loss is
+Seeds: ``config.seeds`` adapters stacked per layer (``blora.train.seeds``), batch rows seed-major; each seed's loss is
 its own mean, and the seeds' losses are summed for backward (no parameter is shared, so each seed gets exactly its
 single-seed gradient). One seed is the same code with N = 1.
 
 GPU path: the forward runs under autocast in the training dtype (bf16/fp16 on CUDA), AdamW is fused where torch
-has it (``training.make_optimizer``), and nothing in a step waits for the device: the losses stay on it until they
+has it (``blora.train.recipe.make_optimizer``), and nothing in a step waits for the device: the losses stay on it until they
 are read (``TrainState.read_losses``: when a progress message shows them, at a checkpoint and at the end), and the
 non-finite check happens there.
 """
@@ -23,14 +23,14 @@ import latent_preview
 import torch
 from einops import repeat
 
-from ..adalora import RankAllocator
+from ..train.adalora import RankAllocator
 from ..errors import BLoRAError
-from ..seeds import clip_per_seed, seeds_of
-from ..train_dataset import sample_bucketed_batch
-from ..training import (TrainConfig, diffusion_loss, sample_flips, sample_noise, sample_timesteps, step_generator,
-                        training_target)
+from ..train.seeds import clip_per_seed, seeds_of
+from ..train.dataset import sample_bucketed_batch
+from ..train.recipe import (TrainConfig, diffusion_loss, sample_flips, sample_noise, sample_timesteps, step_generator,
+                            training_target)
 from . import compat
-from .train_inputs import ModelSchedule, Sample, batch_of, buckets
+from .train_inputs import NoiseSchedule, Sample, batch_of, buckets
 
 PROGRESS_EVENT = "blora.train.progress"
 PREVIEW_INTERVAL_S = 1.0  # at most one preview image a second (decoding one costs a little)
@@ -46,7 +46,7 @@ class TrainState:
 
     config: TrainConfig
     unet: torch.nn.Module
-    schedule: ModelSchedule
+    schedule: NoiseSchedule
     samples: dict[int, list[Sample]]
     adapters: dict[str, torch.nn.Module]
     optimizer: torch.optim.Optimizer
@@ -83,7 +83,7 @@ class TrainState:
         return self.losses
 
 
-def draw_batch(config: TrainConfig, schedule: ModelSchedule, samples: list[Sample], device: torch.device, seed: int,
+def draw_batch(config: TrainConfig, schedule: NoiseSchedule, samples: list[Sample], device: torch.device, seed: int,
                draw: int) -> tuple[torch.Tensor, ...]:
     """(x0, context, y, noise, sigma) of one micro-batch; every random draw comes from (seed, draw)."""
     g = step_generator(seed, draw)

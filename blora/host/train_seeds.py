@@ -1,5 +1,5 @@
 """Train B-LoRA with ``seeds`` > 1: N B-LoRAs, each from its own initialisation (seed, seed + 1, …), in one batched
-forward and backward on the host's model patcher (``blora.seeds`` holds the stacked adapters).
+forward and backward on the host's model patcher (``blora.train.seeds`` holds the stacked adapters).
 
 Seed n's adapter equals, to floating-point tolerance, what a single-seed run with the same initialisation and the
 same draws gives. Two modes for the draws (timesteps, noise, image order, flips):
@@ -21,9 +21,9 @@ those seeds one at a time). Set-up, step and loop are the single-seed ones (``tr
 """
 from __future__ import annotations
 
-from ..adapter import Adapter
-from ..algorithms import check_stackable
-from ..training import TrainConfig
+from ..adapters.adapter import Adapter
+from ..train.algorithms import check_stackable
+from ..train.recipe import TrainConfig
 from .train import TrainOutcome, train_runs
 
 

@@ -132,7 +132,7 @@ def trained_blocks(unet: torch.nn.Module, targets: list[str]) -> list[tuple[str,
 
 
 def checkpoint_units(unet: torch.nn.Module, targets: list[str], mode: str) -> list[tuple[str, torch.nn.Module]]:
-    """What backward recomputes for a ``gradient_checkpointing`` mode (``training.CHECKPOINTING``)."""
+    """What backward recomputes for a ``gradient_checkpointing`` mode (``blora.train.recipe.CHECKPOINTING``)."""
     if mode == "off":
         return []
     if mode == "all above":

@@ -11,8 +11,8 @@ import torch
 from blora_testkit.train_fixtures import model, node, one_thread, vae  # noqa: F401
 from blora_testkit.tiny_sdxl import tiny_conditioning
 
-from blora.kinds.trainable import Trainable
-from blora.training import CHECKPOINTING, TrainConfig
+from blora.adapters.trainable import Trainable
+from blora.train.recipe import CHECKPOINTING, TrainConfig
 
 FAST = dict(rank=4, alpha=4.0, learning_rate=1e-2, steps=2, resolution=64, training_dtype="fp32",
             save_precision="fp32", gradient_checkpointing="off")
