@@ -4,7 +4,7 @@ Imports only torch and safetensors (never the ComfyUI host, except the ``blora.h
 imported here). Importing this package has no side effects.
 """
 from .adapter import Adapter, ModuleAdapter, check_fits, delta_weight, merge, select
-from .blocks import ROLES, SDXL_BLOCKS, Block, resolve_block
+from .arch.sdxl import ROLES, SDXL_BLOCKS, Block, resolve_block
 from .errors import (AdapterFileError, ArchitectureError, BLoRAError, BlockNameError, ScheduleError,
                      UnsafePathError)
 from .files import read_adapter, safe_path, write_adapter

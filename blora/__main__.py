@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .adapter import merge, select
-from .blocks import resolve_block
+from .arch.sdxl import resolve_block
 from .dialects import WRITABLE
 from .errors import BLoRAError
 from .files import read_adapter, write_adapter

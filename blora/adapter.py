@@ -1,7 +1,8 @@
 """The in-memory form every dialect is read into, and pure tensor operations on it.
 
-Each module is a ``ModuleAdapter`` of one kind (``blora.kinds``). Module paths are canonical: UNet modules by their
-LDM path inside the diffusion model (``output_blocks.1.1.transformer_blocks.3.attn2.to_k``), text-encoder modules
+Each module is a ``ModuleAdapter`` of one kind (``blora.kinds``). Module paths are canonical: denoiser modules by their
+host path inside the diffusion model (SDXL ``output_blocks.1.1.transformer_blocks.3.attn2.to_k``, FLUX.1
+``single_blocks.3.linear1``; ``blora.arch`` tells the architecture from them), text-encoder modules
 with a ``te1:`` / ``te2:`` prefix and their transformers path (``te1:text_model.encoder.layers.0.self_attn.q_proj``).
 """
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
-from .blocks import SDXL_BLOCKS, Block, block_of, resolve_block
+from . import arch as architectures
+from .arch import Block, block_of
 from .errors import ArchitectureError, BLoRAError
 from .kinds import ModuleAdapter, delta_weight
 
@@ -27,13 +29,20 @@ class Adapter:
     unmapped: tuple[str, ...] = ()
     trigger: str = ""
 
+    @property
+    def architecture(self) -> architectures.Architecture | None:
+        """The architecture its denoiser modules belong to (None for a text-encoder-only adapter)."""
+        return architectures.adapter_architecture(self.modules, self.source or "adapter")
+
     def blocks(self) -> list[Block]:
-        """Attention blocks this adapter touches, in SDXL order."""
+        """Blocks this adapter touches, in model order."""
         seen = {block_of(p) for p in self.modules} - {None}
-        return [b for b in SDXL_BLOCKS if b in seen]
+        arch = self.architecture
+        return [b for b in arch.blocks if b in seen] if arch else []
 
     def roles(self) -> list[str]:
-        return [b.role for b in self.blocks() if b.role]
+        """Roles whose blocks it touches, in model order (SDXL: the block's role; FLUX: any block of the range)."""
+        return list(dict.fromkeys(b.role for b in self.blocks() if b.role))
 
     @property
     def num_params(self) -> int:
@@ -41,8 +50,10 @@ class Adapter:
 
 
 def select(adapter: Adapter, blocks: Iterable[str | Block]) -> Adapter:
-    """The modules of ``adapter`` inside the given blocks (any name the registry knows). Empty selection: error."""
-    wanted = {b if isinstance(b, Block) else resolve_block(b) for b in blocks}
+    """The modules of ``adapter`` inside the given blocks: Blocks, or names in the adapter's architecture (a role or
+    preset means all its blocks: FLUX ``content`` is single_blocks.0-9). Empty selection: error."""
+    arch = adapter.architecture
+    wanted = {w for b in blocks for w in ((b,) if isinstance(b, Block) else architectures.resolve_blocks(b, arch))}
     if not wanted:
         raise BLoRAError("empty block selection: name at least one block or role")
     modules = {p: m for p, m in adapter.modules.items() if block_of(p) in wanted}
@@ -79,7 +90,7 @@ def check_fits(adapter: Adapter, weight_shapes: Mapping[str, tuple[int, ...]]) -
         shape = weight_shapes.get(path)
         if shape is None:
             raise ArchitectureError(f"{adapter.source or 'adapter'}: module {path!r} does not exist in this model "
-                                    f"(is the LoRA for another architecture, or the model not SDXL?)")
+                                    f"(is the LoRA for another architecture or model?)")
         if tuple(shape[:2]) != module.out_in:
             raise ArchitectureError(f"{adapter.source or 'adapter'}: module {path!r} expects a weight of shape "
                                     f"{module.out_in}, the model has {tuple(shape[:2])} (a LoRA for another "

@@ -24,11 +24,14 @@ SUFFIXES_LONGEST_FIRST = tuple(sorted(SUFFIXES, key=lambda row: -len(row[0])))
 
 # (key prefix, model part, spelling): "dotted" module paths (diffusers or LDM for the UNet, CLIP for text
 # encoders) or "underscore" (kohya). Longest prefix first; "" is a bare UNet path (PEFT on the UNet itself).
+# "unet" means the denoiser of any architecture (SDXL UNet, FLUX transformer: ``transformer.`` is diffusers' FLUX
+# prefix, ``lora_transformer_`` OneTrainer's kohya spelling of it).
 PREFIXES: tuple[tuple[str, str, str], ...] = (
     ("text_encoders.clip_l.transformer.", "te1", "dotted"), ("text_encoders.clip_g.transformer.", "te2", "dotted"),
     ("diffusion_model.", "unet", "dotted"), ("text_encoder_2.", "te2", "dotted"), ("text_encoder.", "te1", "dotted"),
-    ("unet.unet.", "unet", "dotted"), ("unet.", "unet", "dotted"),
+    ("unet.unet.", "unet", "dotted"), ("unet.", "unet", "dotted"), ("transformer.", "unet", "dotted"),
     ("lora_unet_", "unet", "underscore"), ("lycoris_", "unet", "underscore"),
+    ("lora_transformer_", "unet", "underscore"),
     ("lora_te1_", "te1", "underscore"), ("lora_te2_", "te2", "underscore"), ("lora_te_", "te1", "underscore"),
     ("", "unet", "dotted"),
 )
@@ -37,7 +40,8 @@ WRAPPER_PREFIX = "base_model.model."  # PEFT model wrapper, stripped before the 
 # The PEFT config component each model part belongs to (diffusers' ``lora_adapter_metadata``).
 PEFT_COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 
-_KOHYA_DIFFUSERS_ROOTS = "down_blocks|mid_block|up_blocks|conv_in|conv_out|conv_norm_out|time_embedding|add_embedding"
+_KOHYA_DIFFUSERS_ROOTS = ("down_blocks|mid_block|up_blocks|conv_in|conv_out|conv_norm_out|time_embedding|add_embedding"
+                          "|transformer_blocks|single_transformer_blocks")
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,8 @@ DIALECTS: tuple[Dialect, ...] = (
     Dialect("diffusers", re.compile(r"(\.lora\.|_lora\.|\.lora_linear_layer\.)(down|up)\.weight$"), "unet.",
             "diffusers", False, _DIFFUSERS_TE, _DIFFUSERS_LORA, False, False,
             "original B-LoRA / diffusers attention processors (lora.down, lora.up)"),
-    Dialect("kohya_diffusers", re.compile(rf"^(lora_unet|lycoris)_({_KOHYA_DIFFUSERS_ROOTS})_"), "lora_unet_",
+    Dialect("kohya_diffusers", re.compile(rf"^(lora_unet|lycoris)_({_KOHYA_DIFFUSERS_ROOTS})_|^lora_transformer_"),
+            "lora_unet_",
             "diffusers", True, _KOHYA_TE, _KOHYA_LORA, True, True, "kohya names in diffusers layout"),
     Dialect("kohya", re.compile(r"^lora_(unet|te\d?)_"), "lora_unet_", "ldm", True, _KOHYA_TE, _KOHYA_LORA, True,
             True, "kohya LDM names (sd-scripts, LyCORIS, A1111, stock ComfyUI)"),

@@ -5,7 +5,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from .adapter import Adapter
-from .blocks import block_of
+from .arch.sdxl import block_of
 from .kinds import KINDS
 from .loss_history import training_summary
 

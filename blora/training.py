@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .blocks import ROLES, block_of, resolve_block
+from .arch.sdxl import ROLES, block_of, resolve_block
 from .errors import BLoRAError
 from .trainable import INITIALISATIONS
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping
 
 from .adapter import Adapter, select
-from .blocks import Block, role_block, resolve_block
+from .arch.sdxl import Block, role_block, resolve_block
 from .errors import BLoRAError, BlockNameError, ScheduleError
 
 DEFAULT_KEY = "default"

@@ -20,11 +20,12 @@ import comfy.lora
 import torch
 
 from ..adapter import Adapter, ModuleAdapter, check_fits
-from ..blocks import ROLES
+from ..arch.sdxl import ROLES
 from ..dora import dora_weight
 from ..errors import ArchitectureError, BLoRAError
 from ..keys import from_canonical
 from ..kinds.full import Full
+from .architecture import require_architecture
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +137,11 @@ def _render_peft_dora(model, parts: Sequence[tuple[Adapter, float]]) -> list[tup
 def patched_clone(model, parts: Sequence[tuple[Adapter, float]]):
     """A clone of ``model`` (ModelPatcher) with each adapter added at its strength: W' = W + s·ΔW per module.
 
-    The base model is never modified. Everything is checked before the clone is patched: an SDXL-architecture
-    model, every module present with its shape. Text-encoder modules are ignored; strength-0 parts are skipped.
+    The base model is never modified. Everything is checked before the clone is patched: a supported architecture
+    (SDXL, FLUX.1) that every adapter is for, every module present with its shape. Text-encoder modules are ignored; strength-0 parts are skipped.
     PEFT DoRA modules are rendered with PEFT's formula against the input model's current weight (module docstring)."""
     shapes = model_weight_shapes(model)
-    require_sdxl(model, shapes)
+    require_architecture(model, [a for a, _ in parts], shapes)
     unet_parts = [(_unet_part(adapter), float(strength)) for adapter, strength in parts]
     for adapter, _ in unet_parts:
         check_fits(adapter, shapes)

@@ -17,7 +17,7 @@ import torch
 
 from ..adapter import Adapter, check_fits
 from ..algorithms import check_resume, export, new_adapters, rank_allocator, resumed_adapters
-from ..blocks import block_of
+from ..arch.sdxl import block_of
 from ..kinds.trainable import Trainable
 from ..loss_history import losses_in
 from ..training import TrainConfig, make_optimizer, select_targets
