@@ -172,7 +172,8 @@ def architecture_of_path(path: str) -> Architecture | None:
 def adapter_architecture(paths: Iterable[str], source: str = "adapter") -> Architecture | None:
     """The one architecture an adapter's canonical module paths belong to; None when no path names a denoiser
     module (a text-encoder-only file). Raises ArchitectureError for a file mixing architectures."""
-    found = {a.name: a for a in (architecture_of_path(p) for p in paths) if a is not None}
+    names = {a.name for a in (architecture_of_path(p) for p in paths) if a is not None}
+    found = {n: a for n, a in ARCHITECTURES.items() if n in names}  # registry order
     if len(found) > 1:
         raise ArchitectureError(f"{source}: mixes modules of {' and '.join(a.title for a in found.values())}")
     return next(iter(found.values()), None)
