@@ -61,7 +61,7 @@ class BLoRABlockWeights(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: io.Model.Type, blora: Adapter, weights: str) -> io.NodeOutput:
-        block_weights = parse_block_weights(weights)
+        block_weights = parse_block_weights(weights, blora.architecture)
         for entry in block_weights.unused(blora.modules):
             log.warning("%s: block weights entry %r (%s) matches no module of this file", blora.source,
                         entry.text, entry.position)

@@ -113,7 +113,7 @@ class Architecture:
             return tuple(self._by_name[n.lower()] for n in group)  # type: ignore[attr-defined]
         block = self.block(key)
         if block is None:
-            raise BlockNameError(f"unknown {self.title} block {name!r}: use a role or preset "
+            raise BlockNameError(f"unknown block {name!r} in {self.title}: use a role or preset "
                                  f"({', '.join(list(self.roles) + list(self.presets))}) or a block name such as "
                                  f"{self.blocks[0].ldm!r} or {self.blocks[-1].slot!r}")
         return (block,)

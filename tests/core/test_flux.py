@@ -25,7 +25,7 @@ def test_flux_blocks_are_the_hosts_nineteen_double_and_thirty_eight_single():
     assert a.resolve("double_blocks.7")[0].diffusers == "transformer_blocks.7"
     assert a.resolve("single_transformer_blocks.12") == a.resolve("S12") == a.resolve("single_blocks.12")
     assert a.resolve("lora_unet_single_blocks_12")[0].ldm == "single_blocks.12"
-    with pytest.raises(BlockNameError, match="unknown FLUX.1 block 'single_blocks.38'"):
+    with pytest.raises(BlockNameError, match="unknown block 'single_blocks.38' in FLUX.1"):
         a.resolve("single_blocks.38")
 
 
