@@ -64,6 +64,11 @@ def merge(parts: Mapping[str, Adapter | None]) -> Adapter:
     """One adapter holding each role's (or block's) modules from its own source: {"content": A, "style": B}.
 
     Keys are roles or block names; each part contributes only its modules inside that block."""
+    given = [a for a in parts.values() if a is not None]
+    titles = {a.architecture.title for a in given if a.architecture is not None}
+    if len(titles) > 1:
+        raise ArchitectureError("merge: the adapters are for different architectures: " + ", ".join(
+            f"{a.source or '?'} ({a.architecture.title if a.architecture else 'text encoder only'})" for a in given))
     modules: dict[str, ModuleAdapter] = {}
     sources, triggers = [], []
     for name, adapter in parts.items():

@@ -17,7 +17,7 @@ from .types import BLoRA, role_inputs
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("kohya", "comfy", "diffusers")
+FORMATS = ("kohya", "comfy", "diffusers", "peft")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -32,7 +32,7 @@ def select_roles(adapter: Adapter, roles: str) -> Adapter:
                          f"names separated by commas")
     part = select(adapter, names)
     if not part.modules:
-        held = ", ".join(f"{b.slot} ({b.role or b.ldm})" for b in adapter.blocks()) or "no SDXL attention block"
+        held = ", ".join(f"{b.slot} ({b.role or b.ldm})" for b in adapter.blocks()) or "no block of a known model"
         raise BLoRAError(f"{adapter.source or 'adapter'}: none of the blocks {roles!r} is in this adapter; it holds "
                          f"{held}")
     return part
@@ -69,7 +69,9 @@ class BLoRASave(io.ComfyNode):
                 io.Combo.Input("format", options=list(FORMATS), default="kohya",
                                tooltip="kohya: what stock LoraLoader and most UIs read. comfy: ComfyUI's "
                                        "diffusion_model.* keys. diffusers: unet.* keys with lora.down/up (the "
-                                       "original B-LoRA form; alpha folded into the weights)."),
+                                       "original B-LoRA form; alpha folded into the weights). peft: lora_A/lora_B "
+                                       "(FLUX.1: transformer.* keys with q/k/v split, as diffusers and ai-toolkit "
+                                       "write them; alpha folded)."),
                 io.Combo.Input("dtype", options=list(DTYPES), default="fp16",
                                tooltip="Precision of the saved tensors (fp16 halves the size; fp32 is exact)."),
             ],

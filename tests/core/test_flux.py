@@ -235,3 +235,64 @@ def test_alpha_dialects_store_alpha():
     for dialect in ALPHA:
         sd, _ = make_flux_state_dict(dialect, SHAPES, rank=4, seed=0, alpha=2.0)
         assert any(k.endswith(".alpha") for k in sd)
+
+
+def test_cli_splits_and_merges_flux_files_by_splitflux_roles_and_block_names(tmp_path):
+    from blora.__main__ import main
+    from blora.files import read_adapter
+    from safetensors.torch import save_file
+
+    shapes = flux_shapes(hidden=32, double=1, single=12)
+    save_file(make_flux_state_dict("peft", shapes, rank=4, seed=11)[0], str(tmp_path / "a.safetensors"))
+    save_file(make_flux_state_dict("kohya", shapes, rank=4, seed=12, alpha=2.0)[0], str(tmp_path / "b.safetensors"))
+    a = read_adapter(tmp_path / "a.safetensors")
+    assert main(["split", str(tmp_path / "a.safetensors"), "--roles", "content,style,S03,double_blocks.0",
+                 "--format", "peft", "--dtype", "fp32"]) == 0
+    for part, blocks in (("content", range(10)), ("style", range(10, 12)), ("s03", (3,))):
+        got = read_adapter(tmp_path / f"a_{part}.safetensors")
+        assert {".".join(p.split(".")[:2]) for p in got.modules} == {f"single_blocks.{n}" for n in blocks}
+        for path, module in got.modules.items():
+            torch.testing.assert_close(delta_weight(module), delta_weight(a.modules[path]), rtol=0, atol=0)
+    assert {".".join(p.split(".")[:2]) for p in read_adapter(tmp_path / "a_d00.safetensors").modules} == {
+        "double_blocks.0"}
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", "--content", str(tmp_path / "a.safetensors"), "--style", str(tmp_path / "b.safetensors"),
+                 "-o", str(out), "--dtype", "fp32"]) == 0
+    m, b = read_adapter(out), read_adapter(tmp_path / "b.safetensors")
+    for path, module in m.modules.items():
+        src = a if int(path.split(".")[1]) < 10 else b
+        torch.testing.assert_close(delta_weight(module), delta_weight(src.modules[path]))
+
+
+def test_merge_refuses_adapters_of_two_architectures():
+    from blora_testkit.dialects import TINY_ATTN_SHAPES, make_state_dict
+
+    sdxl = to_canonical(make_state_dict("kohya", TINY_ATTN_SHAPES, 4, 0, 2.0), "sdxl.safetensors")
+    fl = to_canonical(make_flux_state_dict("kohya", SHAPES, rank=4, seed=0)[0], "flux.safetensors")
+    with pytest.raises(ArchitectureError, match=r"different architectures: sdxl\.safetensors \(SDXL\), "
+                                                r"flux\.safetensors \(FLUX\.1\)"):
+        merge({"content": sdxl, "style": fl})
+
+
+def test_block_weights_text_for_flux():
+    from blora.weights import parse_block_weights
+
+    w = parse_block_weights("default=0, content=0.5, single_blocks.3=2, S04.linear1=-1, boundary=0.3", "flux")
+    assert w.strength_for("single_blocks.0.linear1") == 0.5
+    assert w.strength_for("single_blocks.3.linear2") == 2.0  # a block named alone beats its role
+    assert w.strength_for("single_blocks.4.linear1") == -1.0 and w.strength_for("single_blocks.4.linear2") == 0.5
+    assert w.strength_for("single_blocks.11.linear1") == 0.3 and w.strength_for("single_blocks.12.linear1") == 0
+    with pytest.raises(BlockNameError, match="'to_q' is not a module inside block single_blocks.3"):
+        parse_block_weights("single_blocks.3.to_q=1", "flux")
+    with pytest.raises(BlockNameError, match="unknown block 'OUT1' in FLUX.1"):
+        parse_block_weights("OUT1=1", "flux")
+
+
+def test_inspect_names_the_architecture_and_flux_slots():
+    from blora.inspect import inspect_adapter
+
+    a = to_canonical(make_flux_state_dict("peft", flux_shapes(hidden=32, double=1, single=11), 4, 0)[0], "f")
+    report = inspect_adapter(a)
+    assert report.architecture == "FLUX.1" and report.roles == ("content", "style")
+    assert report.blocks[0] == "D00" and report.blocks[-1] == "S10"
+    assert report.summary().startswith("FLUX.1 peft · content, style (D00 S00")
