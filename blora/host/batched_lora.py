@@ -38,6 +38,7 @@ from ..adapter import Adapter, ModuleAdapter, check_fits
 from ..errors import BLoRAError
 from .patch import (UNET_PREFIX, _render_peft_dora, _unet_part, current_weight, host_patches, model_weight_shapes,
                     patched_clone, require_sdxl)
+from .architecture import require_architecture
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,8 @@ class RowRouter:
     def __call__(self, executor, x, *args, **kwargs):
         unet = executor.class_obj
         options = kwargs.get("transformer_options")
-        if options is None:
-            options = args[4] if len(args) > 4 else {}
+        if options is None:  # passed positionally, last: SDXL's UNet (..., control, options), FLUX (..., control, options)
+            options = next((a for a in reversed(args) if isinstance(a, dict)), {})
         entry = (rows_to_images(x.shape[0], options) % self.num_entries).to(x.device)
         handles = []
         try:
@@ -212,7 +213,7 @@ def batched_clone(model, entries: Sequence[Parts]):
     if not entries:
         raise BLoRAError("B-LoRA Batch Apply: the batch has no entries")
     shapes = model_weight_shapes(model)
-    require_sdxl(model, shapes)
+    require_architecture(model, [a for parts in entries for a, _ in parts], shapes)
     prepared: list[list[tuple[Adapter, float]]] = []
     for parts in entries:
         unet = [(_unet_part(a), float(s)) for a, s in parts]
