@@ -57,7 +57,7 @@ class BLoRASave(io.ComfyNode):
             node_id="BLoRASave", display_name="Save B-LoRA", category="B-LoRA/tools", is_output_node=True,
             description="Write an adapter (or some of its blocks: a split) as a .safetensors file in the output "
                         "folder's loras/ subfolder, in the dialect and precision you choose, with metadata (roles, "
-                        "sources, rank, alpha, trigger). Works on any SDXL LoRA.",
+                        "sources, rank, alpha, trigger). Works on any SDXL or FLUX.1 LoRA.",
             inputs=[
                 BLoRA.Input("blora", tooltip="The adapter to save (from Load B-LoRA or Merge B-LoRA)."),
                 io.String.Input("filename_prefix", default="B-LoRA",
@@ -65,7 +65,8 @@ class BLoRASave(io.ComfyNode):
                                         "absolute paths); a counter is appended: prefix_00001_.safetensors."),
                 io.String.Input("roles", default="all",
                                 tooltip="Blocks to keep: all, content, style, layout, or a comma list of block "
-                                        "names in any naming (OUT1, output_blocks.1.1, up_blocks.0.attentions.1)."),
+                                        "names in any naming (OUT1, output_blocks.1.1, up_blocks.0.attentions.1; "
+                                        "FLUX.1: content, style, boundary, single_blocks.12, S12)."),
                 io.Combo.Input("format", options=list(FORMATS), default="kohya",
                                tooltip="kohya: what stock LoraLoader and most UIs read. comfy: ComfyUI's "
                                        "diffusion_model.* keys. diffusers: unet.* keys with lora.down/up (the "
