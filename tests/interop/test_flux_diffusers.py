@@ -18,37 +18,11 @@ from blora.adapter import delta_weight  # noqa: E402
 from blora.arch import flux  # noqa: E402
 from blora.keys import from_canonical, to_canonical  # noqa: E402
 from blora_testkit.flux_dialects import flux_shapes, make_flux_state_dict  # noqa: E402
+from blora_testkit.flux_interop import HIDDEN, forward, tiny_transformer  # noqa: E402
 
-HIDDEN, HEADS = 32, 2
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_mlp",
            "proj_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
            "norm1_context.linear", "norm.linear"]
-
-
-def tiny_transformer(seed: int = 0):
-    """diffusers FluxTransformer2DModel with FLUX.1's layout: 2 double (transformer_blocks) and 2 single blocks,
-    hidden 32 (2 heads of 16), mlp_ratio 4 as FLUX.1, guidance embedding (dev); float64."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2,
-                                   attention_head_dim=HIDDEN // HEADS, num_attention_heads=HEADS,
-                                   joint_attention_dim=24, pooled_projection_dim=16, guidance_embeds=True,
-                                   axes_dims_rope=(4, 6, 6))
-    return model.to(torch.float64).eval()
-
-
-def forward(model, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    tokens, text = 6, 5
-    kwargs = dict(hidden_states=torch.randn(1, tokens, 8, generator=g, dtype=torch.float64),
-                  encoder_hidden_states=torch.randn(1, text, 24, generator=g, dtype=torch.float64),
-                  pooled_projections=torch.randn(1, 16, generator=g, dtype=torch.float64),
-                  timestep=torch.tensor([0.7], dtype=torch.float64), guidance=torch.tensor([3.5], dtype=torch.float64),
-                  img_ids=torch.zeros(tokens, 3, dtype=torch.float64), txt_ids=torch.zeros(text, 3, dtype=torch.float64),
-                  return_dict=False)
-    with torch.no_grad():
-        return model(**kwargs)[0]
 
 
 def host_path(diffusers_name: str):
