@@ -158,7 +158,9 @@ ARCHITECTURE = register(Architecture(
              "double": tuple(f"double_blocks.{n}" for n in range(DOUBLE_BLOCKS)),
              "single": tuple(f"single_blocks.{n}" for n in range(SINGLE_BLOCKS))},
     block_pattern=_BLOCK,
-    signature=("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"),
+    # FLUX.1's per-block modulation: FLUX.2 (global modulation) and Chroma (none) share the block names but not the
+    # layout or the split's evidence, and are not recognised as FLUX.1
+    signature=("double_blocks.0.img_attn.qkv", "double_blocks.0.img_mod.lin", "single_blocks.0.linear1"),
     diffusers_prefix="transformer.",
     citation=SPLITFLUX,
     sub_path=re.compile(r"^(img_mod(\.lin)?|txt_mod(\.lin)?|(img|txt)_attn(\.(qkv|proj))?|(img|txt)_mlp(\.[02])?"

@@ -73,6 +73,9 @@ def test_model_recognised_from_its_weight_paths():
                   "input_blocks.8.1.transformer_blocks.0.attn1.to_q"]
     assert arch.detect_model(sdxl_paths) is arch.SDXL
     assert arch.detect_model(["double_blocks.0.img_attn.qkv"]) is None  # no single blocks: not FLUX.1
+    flux2 = [p for p in SHAPES if ".img_mod." not in p and ".txt_mod." not in p and ".modulation." not in p]
+    assert arch.detect_model(flux2 + ["double_stream_modulation_img.lin"]) is None  # FLUX.2's global modulation
+    assert arch.FLUX.missing(flux2) == "layer double_blocks.0.img_mod.lin"
 
 
 def test_a_mismatch_is_refused_naming_file_model_and_both_architectures():
