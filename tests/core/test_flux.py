@@ -299,3 +299,18 @@ def test_inspect_names_the_architecture_and_flux_slots():
     assert report.architecture == "FLUX.1" and report.roles == ("content", "style")
     assert report.blocks[0] == "D00" and report.blocks[-1] == "S10"
     assert report.summary().startswith("FLUX.1 peft · content, style (D00 S00")
+
+
+def test_split_of_an_untrained_fused_lora_keeps_every_part_and_dora_is_refused():
+    layout = flux.diffusers_names("single_blocks.0.linear1")
+    fresh = ModuleAdapter("lora", {"down": torch.randn(4, 8), "up": torch.zeros(56, 4)}, alpha=4.0)
+    parts = fused.split(fresh, layout, "single_blocks.0.linear1")
+    assert [n for n, _ in parts] == [n for n, _ in layout]  # zero ups: shared down kept, no part dropped
+    assert all(m.rank == 4 and m.alpha == 4.0 for _, m in parts)
+    dora = ModuleAdapter("lora", {"down": torch.randn(4, 8), "up": torch.randn(56, 4)}, alpha=4.0,
+                         dora_scale=torch.ones(56, 1), dora_norm="adapted")
+    with pytest.raises(BLoRAError, match="DoRA module of a fused layer cannot be written as split"):
+        fused.split(dora, layout, "single_blocks.0.linear1")
+    q = ModuleAdapter("lora", {"down": torch.randn(2, 8), "up": torch.randn(8, 2)}, dora_scale=torch.ones(8, 1))
+    with pytest.raises(BLoRAError, match="DoRA on split q/k/v layers"):
+        fused.fuse({0: q}, layout[0][1], "single_blocks.0.linear1")
