@@ -82,6 +82,8 @@ DIALECTS: tuple[Dialect, ...] = (
     Dialect("peft", re.compile(r"\.lora_[AB](\.default)?\.weight$|\.lora_magnitude_vector"), "unet.", "diffusers",
             False, _DIFFUSERS_TE, (".lora_A.weight", ".lora_B.weight"), False, False,
             "PEFT / new diffusers (lora_A, lora_B)", ".lora_magnitude_vector"),
+    Dialect("xlabs", re.compile(r"\.processor\.(qkv|proj)_lora[12]?\.(down|up)\.weight$"), "", "ldm", False,
+            _DIFFUSERS_TE, _DIFFUSERS_LORA, False, False, "XLabs / USO FLUX (double_blocks.N.processor.qkv_lora1; read only)"),
     Dialect("diffusers", re.compile(r"(\.lora\.|_lora\.|\.lora_linear_layer\.)(down|up)\.weight$"), "unet.",
             "diffusers", False, _DIFFUSERS_TE, _DIFFUSERS_LORA, False, False,
             "original B-LoRA / diffusers attention processors (lora.down, lora.up)"),

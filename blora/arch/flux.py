@@ -69,6 +69,14 @@ SINGLE_DIFFUSERS = {  # host name inside a single block -> diffusers name(s) ins
                 ("attn.to_v", Piece("linear1", 2, LINEAR1)), ("proj_mlp", Piece("linear1", 3, LINEAR1))),
     "linear2": (("proj_out", None),), "modulation.lin": (("norm.linear", None),),
 }
+# XLabs (and ByteDance USO) name the layers they adapt after the attention processor that holds the LoRA; the
+# single blocks' ``qkv_lora`` adapts only the q, k, v rows of linear1 (the host maps it the same way, as
+# ``linear1_qkv``). Keys: ``double_blocks.0.processor.qkv_lora1.down.weight``, ``single_blocks.0.processor.proj_lora…``.
+LINEAR1_QKV = (3.0, MLP_RATIO)
+XLABS_DOUBLE = {"qkv_lora1": ("img_attn.qkv", None), "proj_lora1": ("img_attn.proj", None),
+                "qkv_lora2": ("txt_attn.qkv", None), "proj_lora2": ("txt_attn.proj", None)}
+XLABS_SINGLE = {"qkv_lora": ("linear1", Piece("linear1_qkv", 0, LINEAR1_QKV)), "proj_lora": ("linear2", None)}
+_XLABS = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.processor\.(qkv_lora[12]?|proj_lora[12]?|qkv|proj)$")
 # LyCORIS on diffusers FLUX (and ComfyUI's map) also spell the feed-forward layers linear_in / linear_out
 DIFFUSERS_ALIASES = {"ff.linear_in": "ff.net.0.proj", "ff.linear_out": "ff.net.2",
                      "ff_context.linear_in": "ff_context.net.0.proj", "ff_context.linear_out": "ff_context.net.2"}
@@ -143,6 +151,12 @@ def resolve_name(name: str, underscore: bool) -> tuple[str, Piece | None] | None
         return diffusers_to_host(name) if name else None
     if is_flux_module(name):
         return name, None
+    m = _XLABS.match(name)
+    if m:
+        kind, n, layer = m.groups()
+        layer = layer if layer.startswith(("qkv_lora", "proj_lora")) else layer + "_lora"  # "…proj" + "_lora.down"
+        inner, piece = (XLABS_DOUBLE if kind == "double_blocks" else XLABS_SINGLE).get(layer, (None, None))
+        return (f"{kind}.{n}.{inner}", piece) if inner else None
     return diffusers_to_host(name)
 
 

@@ -314,3 +314,38 @@ def test_split_of_an_untrained_fused_lora_keeps_every_part_and_dora_is_refused()
     q = ModuleAdapter("lora", {"down": torch.randn(2, 8), "up": torch.randn(8, 2)}, dora_scale=torch.ones(8, 1))
     with pytest.raises(BLoRAError, match="DoRA on split q/k/v layers"):
         fused.fuse({0: q}, layout[0][1], "single_blocks.0.linear1")
+
+
+def xlabs_state_dict(hidden=32, double=1, single=1, rank=4, seed=0):
+    """An XLabs-style FLUX LoRA (attention processors' LoRAs; no alpha: scale 1) and the ΔW of each host layer."""
+    g = torch.Generator().manual_seed(seed)
+    sd, deltas = {}, {}
+    layers = [(f"double_blocks.{n}.processor.{k}", f"double_blocks.{n}.{host}", rows, 0)
+              for n in range(double) for k, host, rows in (
+                  ("qkv_lora1", "img_attn.qkv", 3 * hidden), ("proj_lora1", "img_attn.proj", hidden),
+                  ("qkv_lora2", "txt_attn.qkv", 3 * hidden), ("proj_lora2", "txt_attn.proj", hidden))]
+    layers += [(f"single_blocks.{n}.processor.{k}", f"single_blocks.{n}.{host}", rows, 0)
+               for n in range(single) for k, host, rows in (("qkv_lora", "linear1", 3 * hidden),
+                                                              ("proj_lora", "linear2", hidden))]
+    for name, host, rows, _ in layers:
+        inp = hidden + 4 * hidden if host.endswith("linear2") else hidden
+        down, up = torch.randn(rank, inp, generator=g), torch.randn(rows, rank, generator=g) * 0.1
+        sd[name + ".down.weight"], sd[name + ".up.weight"] = down, up
+        out = 7 * hidden if host.endswith("linear1") else rows
+        delta = torch.zeros(out, inp)
+        delta[:rows] = up @ down  # linear1: only the q, k, v rows; the MLP rows stay
+        deltas[host] = delta
+    return sd, deltas
+
+
+def test_xlabs_processor_loras_read_onto_the_host_layers():
+    sd, deltas = xlabs_state_dict()
+    assert detect_dialect(sd) == "xlabs"
+    adapter = to_canonical(sd, "xlabs.safetensors")
+    assert adapter.unmapped == () and set(adapter.modules) == set(deltas)
+    for path, expected in deltas.items():
+        torch.testing.assert_close(delta_weight(adapter.modules[path]), expected, rtol=1e-5, atol=1e-6, msg=path)
+    assert adapter.modules["single_blocks.0.linear1"].rank == 4  # the q, k, v rows: one LoRA, MLP rows zero
+    back = to_canonical(from_canonical(adapter, "kohya"), "k")
+    for path, expected in deltas.items():
+        torch.testing.assert_close(delta_weight(back.modules[path]), expected, rtol=1e-5, atol=1e-6, msg=path)
