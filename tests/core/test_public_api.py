@@ -6,7 +6,7 @@ from pathlib import Path
 import blora
 
 PUBLIC = [
-    "Adapter", "ModuleAdapter", "Block", "SDXL_BLOCKS", "ROLES", "resolve_block",
+    "Adapter", "ModuleAdapter", "Block", "SDXL_BLOCKS", "ROLES", "resolve_block", "Architecture", "ARCHITECTURES",
     "read_adapter", "write_adapter", "safe_path", "inspect_adapter", "AdapterReport",
     "to_canonical", "from_canonical", "detect_dialect",
     "delta_weight", "select", "merge", "check_fits",
