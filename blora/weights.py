@@ -15,7 +15,6 @@ role or preset covering it (FLUX roles span many blocks), any entry over ``defau
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping
 

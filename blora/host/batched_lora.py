@@ -37,7 +37,7 @@ from einops import einsum
 from ..adapter import Adapter, ModuleAdapter, check_fits
 from ..errors import BLoRAError
 from .patch import (UNET_PREFIX, _render_peft_dora, _unet_part, current_weight, host_patches, model_weight_shapes,
-                    patched_clone, require_sdxl)
+                    patched_clone)
 from .architecture import require_architecture
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blora import arch
-from blora.adapter import Adapter, ModuleAdapter, delta_weight, merge, select
+from blora.adapter import ModuleAdapter, delta_weight, merge, select
 from blora.arch import flux, fused
 from blora.errors import AdapterFileError, ArchitectureError, BLoRAError, BlockNameError
 from blora.keys import detect_dialect, from_canonical, resolve_module, to_canonical

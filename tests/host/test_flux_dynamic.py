@@ -4,8 +4,6 @@ K-LoRA switches each fused layer between the two deltas (at most once, subject t
 batch equals its own Apply B-LoRA run."""
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
