@@ -92,3 +92,27 @@ def test_pack_peft_file_loads_in_diffusers_with_the_hosts_deltas():
     out_lora, out_hand, out_base = forward(with_lora), forward(by_hand), forward(base)
     assert not torch.allclose(out_lora, out_base)
     torch.testing.assert_close(out_lora, out_hand, rtol=1e-9, atol=1e-10)
+
+
+def test_diffusers_own_kohya_converter_lands_every_part_where_the_pack_does():
+    """diffusers' sd-scripts -> diffusers converter (FluxPipeline.lora_state_dict), at FLUX.1's real widths (hidden
+    3072; it assumes them), splits a kohya FLUX file into the same parts with the same ΔW rows as the pack's reader,
+    and the pack reads diffusers' converted file back to the kohya file's ΔW."""
+    from diffusers import FluxPipeline
+
+    shapes = flux_shapes(hidden=3072, double=1, single=1)
+    sd, deltas = make_flux_state_dict("kohya", shapes, rank=2, seed=4, alpha=1.0)
+    converted = FluxPipeline.lora_state_dict(dict(sd))
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    names = {k[len("transformer."):-len(".lora_A.weight")] for k in converted if k.endswith(".lora_A.weight")}
+    assert len(names) == 14 + 6
+    for name in names:
+        path, piece = flux.diffusers_to_host(name)
+        a, b = piece.rows(3072) if piece else (0, deltas[path].shape[0])
+        theirs = (converted[f"transformer.{name}.lora_B.weight"].float()
+                  @ converted[f"transformer.{name}.lora_A.weight"].float())
+        torch.testing.assert_close(theirs, deltas[path][a:b], rtol=1e-4, atol=1e-6, msg=name)
+    back = to_canonical(converted, "diffusers_converted.safetensors")
+    assert set(back.modules) == set(deltas)
+    for path, expected in deltas.items():
+        torch.testing.assert_close(delta_weight(back.modules[path]), expected, rtol=1e-4, atol=1e-6, msg=path)
