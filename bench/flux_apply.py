@@ -63,9 +63,9 @@ def block_shapes(model) -> dict:
 
 
 def time_ours(model, path: Path):
-    from blora.files import read_adapter
+    from blora.formats.files import read_adapter
     from blora.host import patched_clone
-    from blora.weights import block_weight_parts, parse_block_weights
+    from blora.compose.block_weights import block_weight_parts, parse_block_weights
 
     t0 = clock()
     adapter = read_adapter(str(path))

@@ -23,9 +23,9 @@ from typing import Mapping, Sequence
 import torch
 
 from ..errors import BLoRAError
-from ..kinds import ModuleAdapter, delta_weight
-from ..kinds.full import Full
-from ..kinds.lora import LoRA
+from ..adapters.kinds import ModuleAdapter, delta_weight
+from ..adapters.kinds.full import Full
+from ..adapters.kinds.lora import LoRA
 from . import Piece
 
 BIAS = "diff_b"

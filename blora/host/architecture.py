@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 from .. import arch
-from ..adapter import Adapter
+from ..adapters.adapter import Adapter
 
 UNET_PREFIX = "diffusion_model."
 

@@ -1,4 +1,4 @@
-"""FLUX.1 LoRA state dicts in the dialects found in the wild, built independently of ``blora.keys`` and
+"""FLUX.1 LoRA state dicts in the dialects found in the wild, built independently of ``blora.formats.keys`` and
 ``blora.arch`` (own naming tables, written from the host's ``comfy/ldm/flux/layers.py`` and diffusers'
 ``FluxTransformer2DModel``), with the ΔW each should give every host layer.
 

@@ -1,4 +1,4 @@
-"""FLUX.1 as data (blora.arch) and its LoRA dialects (blora.keys): blocks, presets, recognition, and every dialect
+"""FLUX.1 as data (blora.arch) and its LoRA dialects (blora.formats.keys): blocks, presets, recognition, and every dialect
 of the table in blora_testkit.flux_dialects read to the exact ΔW of each host layer and written back exactly."""
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from blora import arch
-from blora.adapter import ModuleAdapter, delta_weight, merge, select
+from blora.adapters.adapter import ModuleAdapter, delta_weight, merge, select
 from blora.arch import flux, fused
 from blora.errors import AdapterFileError, ArchitectureError, BLoRAError, BlockNameError
-from blora.keys import detect_dialect, from_canonical, resolve_module, to_canonical
+from blora.formats.keys import detect_dialect, from_canonical, resolve_module, to_canonical
 from blora_testkit.flux_dialects import ALPHA, HOST_NAMED, SPLIT, flux_shapes, make_flux_state_dict, parts_of
 
 SHAPES = flux_shapes(hidden=32)
@@ -242,7 +242,7 @@ def test_alpha_dialects_store_alpha():
 
 def test_cli_splits_and_merges_flux_files_by_splitflux_roles_and_block_names(tmp_path):
     from blora.__main__ import main
-    from blora.files import read_adapter
+    from blora.formats.files import read_adapter
     from safetensors.torch import save_file
 
     shapes = flux_shapes(hidden=32, double=1, single=12)
@@ -278,7 +278,7 @@ def test_merge_refuses_adapters_of_two_architectures():
 
 
 def test_block_weights_text_for_flux():
-    from blora.weights import parse_block_weights
+    from blora.compose.block_weights import parse_block_weights
 
     w = parse_block_weights("default=0, content=0.5, single_blocks.3=2, S04.linear1=-1, boundary=0.3", "flux")
     assert w.strength_for("single_blocks.0.linear1") == 0.5
@@ -292,7 +292,7 @@ def test_block_weights_text_for_flux():
 
 
 def test_inspect_names_the_architecture_and_flux_slots():
-    from blora.inspect import inspect_adapter
+    from blora.formats.report import inspect_adapter
 
     a = to_canonical(make_flux_state_dict("peft", flux_shapes(hidden=32, double=1, single=11), 4, 0)[0], "f")
     report = inspect_adapter(a)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blora.keys import to_canonical
+from blora.formats.keys import to_canonical
 from blora_testkit.dynamic import Recorder, base_weight, run
 from blora_testkit.flux_dialects import flux_shapes, make_flux_state_dict
 from blora_testkit.nodes import model_state, run_node

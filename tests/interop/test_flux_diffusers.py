@@ -14,9 +14,9 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from blora.adapter import delta_weight  # noqa: E402
+from blora.adapters.adapter import delta_weight  # noqa: E402
 from blora.arch import flux  # noqa: E402
-from blora.keys import from_canonical, to_canonical  # noqa: E402
+from blora.formats.keys import from_canonical, to_canonical  # noqa: E402
 from blora_testkit.flux_dialects import flux_shapes, make_flux_state_dict  # noqa: E402
 from blora_testkit.flux_interop import HIDDEN, forward, tiny_transformer  # noqa: E402
 

@@ -14,9 +14,9 @@ pytest.importorskip("lycoris")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from blora.adapter import delta_weight  # noqa: E402
+from blora.adapters.adapter import delta_weight  # noqa: E402
 from blora.arch import flux  # noqa: E402
-from blora.files import read_adapter, write_adapter  # noqa: E402
+from blora.formats.files import read_adapter, write_adapter  # noqa: E402
 from blora_testkit.flux_dialects import flux_shapes  # noqa: E402
 from blora_testkit.flux_interop import HIDDEN, tiny_transformer  # noqa: E402
 from blora_testkit.interop import forward_delta, randomize_, view  # noqa: E402
