@@ -105,17 +105,14 @@ def _parts(entry: Entry) -> list[Static]:
 
 
 def _check(model, plan: Plan) -> None:
-    """Every adapter module against the model (per source, in plan order); routed layers are Linear."""
-    by_source: dict[str, dict] = {}
-    for path, entry in plan.entries:
-        for part in _parts(entry):
-            by_source.setdefault(part.source, {}).setdefault(path, part.module)
-    if not by_source and any(True for _ in plan.of(Trained)):
+    """Every adapter module against the model (in plan order, naming its source); routed layers are Linear."""
+    parts = [(path, part) for path, entry in plan.entries for part in _parts(entry)]
+    if not parts and any(True for _ in plan.of(Trained)):
         return  # training checks its model itself
     shapes = model_weight_shapes(model)
     require_sdxl(model, shapes)
-    for source, modules in by_source.items():
-        check_fits(Adapter(modules=modules, source=source), shapes)
+    for path, part in parts:
+        check_fits(Adapter(modules={path: part.module}, source=part.source), shapes)
     for path, _ in plan.of(Routed):
         module = model.model.diffusion_model.get_submodule(path)
         if not isinstance(module, torch.nn.Linear):
