@@ -10,7 +10,7 @@ Entries (each names one layer by its canonical path, ``output_blocks.1.1.transfo
 - ``Switched``: K-LoRA's switch between two modules: the first while the signal is below the threshold, else the
   second.
 - ``Routed``: one Static list per batch entry; row r of a sampled batch uses entry r mod N (Batch Apply).
-- ``Trained``: a trainable layer object (``blora.kinds.trainable.Trainable``, ``blora.seeds.SeedsLoRA`` …) installed
+- ``Trained``: a trainable layer object (``blora.adapters.trainable.Trainable``, ``blora.train.seeds.SeedsLoRA`` …) installed
   as a weight function (mode "weight": W -> layer(W)) or as an activation hook (mode "activation": the layer's output
   += layer.delta(x)).
 
@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 
-from ..adapter import Adapter, ModuleAdapter
+from ..adapters.adapter import Adapter, ModuleAdapter
 
 log = logging.getLogger(__name__)
 

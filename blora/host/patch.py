@@ -1,7 +1,7 @@
 """Adapter modules as the host's own patches, and the deltas the host would add: the helpers the realiser
 (``blora.host.realise``) uses. Nothing here patches a model.
 
-Each adapter is written in the kohya LDM dialect (``blora.keys.from_canonical``) and handed to
+Each adapter is written in the kohya LDM dialect (``blora.formats.keys.from_canonical``) and handed to
 ``comfy.lora.load_lora`` with the host's key map, so the patched weights are exactly those stock
 ``LoraLoaderModelOnly`` gives for the same kohya file (LoRA, LoHa, LoKr and DoRA alike, and a module's bias
 difference ``diff_b``, which the host adds to the layer's bias as b + s·Δb). What the host would skip quietly
@@ -20,13 +20,13 @@ from typing import Mapping, Sequence
 import comfy.lora
 import torch
 
-from ..adapter import Adapter, ModuleAdapter
+from ..adapters.adapter import Adapter, ModuleAdapter
 from ..blocks import ROLES
 from ..compose.plan import Static
-from ..dora import dora_weight
+from ..adapters.dora import dora_weight
 from ..errors import ArchitectureError, BLoRAError
-from ..keys import from_canonical
-from ..kinds.full import Full
+from ..formats.keys import from_canonical
+from ..adapters.kinds.full import Full
 from . import compat
 from .routed import RoutedLinear
 from .timed import LayerDelta

@@ -32,13 +32,13 @@ import comfy.patcher_extension
 import torch
 from einops import repeat
 
-from ..adapter import Adapter, check_fits
+from ..adapters.adapter import Adapter, check_fits
 from ..compose.plan import (Entry, Plan, Routed, Static, Switched, Timed, Trained, batched_plan, static_plan,
                             timed_plan)
 from ..errors import ArchitectureError, BLoRAError
-from ..fusion import FusionPlan, layer_stats, plan_from_stats, time_scale
-from ..schedule import Schedule, is_constant, strength_at
-from ..weights import role_parts
+from ..compose.klora import FusionPlan, layer_stats, plan_from_stats, time_scale
+from ..compose.strength_schedule import Schedule, is_constant, strength_at
+from ..compose.block_weights import role_parts
 from . import compat
 from .patch import (UNET_PREFIX, bias_key, host_patches, key_map, listing, model_weight_shapes, render_peft_dora,
                     require_sdxl, routed_dense, timed_delta, weight_key)
@@ -401,7 +401,7 @@ def _steady_layers(fusion: FusionPlan) -> tuple[list[str], list[str]]:
 
 def fused_clone(model, subject: Adapter, style: Adapter, subject_strength: float, style_strength: float,
                 pattern: str = "s") -> tuple[object, FusionPlan]:
-    """A clone of ``model`` with K-LoRA fusion of ``subject`` and ``style`` (UNet modules; see blora.fusion).
+    """A clone of ``model`` with K-LoRA fusion of ``subject`` and ``style`` (UNet modules; see blora.compose.klora).
     Layers in one LoRA only, and layers in both whose choice holds over the whole run, are ordinary patches; the
     others switch per model call between the two deltas (weight and bias)."""
     scale = time_scale(pattern)

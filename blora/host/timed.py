@@ -4,7 +4,7 @@ entries: strength schedules and K-LoRA). No host entry point is called here; ``b
 - ``ProgressTracker``: one per realised clone, registered as its keyed ``APPLY_MODEL`` wrapper. It reads the current
   sigma (``transformer_options["sigmas"]``) and the run's full sigma schedule (``transformer_options["sample_sigmas"]``,
   set by the sampler for every run, any sampler, batched or unbatched CFG) and turns them into the sampling progress
-  (``blora.schedule.sampling_progress``: step i of n is i/(n-1)). Its signals (a schedule's strength, K-LoRA's time
+  (``blora.compose.strength_schedule.sampling_progress``: step i of n is i/(n-1)). Its signals (a schedule's strength, K-LoRA's time
   scale S(p)) are evaluated once per model call.
 - Per-layer weight functions (registered for the layer's weight and, when the module has a bias difference, for its
   bias; the host runs them in ``comfy.ops`` on the tensor as cast for the forward) add a precomputed delta:
@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..schedule import sampling_progress
+from ..compose.strength_schedule import sampling_progress
 
 
 class ProgressTracker:

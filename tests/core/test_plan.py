@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from blora.adapter import Adapter, ModuleAdapter
+from blora.adapters.adapter import Adapter, ModuleAdapter
 from blora.compose.plan import (SHARED_SOURCE, Plan, Routed, Static, Timed, Trained, batched_plan, same_parts,
                                 static_plan, timed_plan, trained_plan)
 

@@ -76,7 +76,7 @@ def test_weight_functions_reach_modules_the_loader_skipped_and_leave_on_detach(t
 def test_bias_functions_reach_modules_the_loader_skipped_too(tiny_model):
     from dataclasses import replace
 
-    from blora.schedule import parse_schedule
+    from blora.compose.strength_schedule import parse_schedule
 
     style = make_lora(tiny_model, [STYLE], seed=3)
     path = next(p for p in style.modules if p.endswith("to_out.0"))  # a Linear with a bias

@@ -120,7 +120,7 @@ def test_call_options_run_the_patchers_wrappers_on_a_direct_unet_call(tiny_model
 def test_load_and_detach_callbacks_take_the_arguments_the_host_passes(tiny_model):
     style = make_lora(tiny_model, [STYLE], seed=1)
     from blora.host.realise import scheduled_clone
-    from blora.schedule import parse_schedule
+    from blora.compose.strength_schedule import parse_schedule
 
     clone = scheduled_clone(tiny_model, {"style": (style, parse_schedule("0:0, 1:1"))})
     calls = []
