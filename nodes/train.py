@@ -4,14 +4,14 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..blora.errors import BLoRAError
-from ..blora.files import read_adapter
-from ..blora.loss_history import loss_map
+from ..blora.formats.files import read_adapter
+from ..blora.train.loss_history import loss_map
 from ..blora.host.train import train_blora
 from ..blora.host.train_seeds import train_blora_seeds
 from ..blora.host.output_files import register_output_loras
-from ..blora.trainable import INITIALISATIONS
-from ..blora.training import (ALGORITHMS, BLOCK_PRESETS, OPTIMIZERS, SAVE_PRECISIONS, SEED_DRAWS, TRAINING_DTYPES,
-                              TrainConfig)
+from ..blora.adapters.kinds.lora import INITIALISATIONS
+from ..blora.train.recipe import (ALGORITHMS, BLOCK_PRESETS, OPTIMIZERS, SAVE_PRECISIONS, SEED_DRAWS, TRAINING_DTYPES,
+                                  TrainConfig)
 from .folders import adapter_files, adapter_path
 from .dataset import TrainingSetType
 from .types import BLoRA

@@ -15,12 +15,12 @@ from typing import Any
 import comfy.model_management
 import torch
 
-from ..adapter import Adapter, check_fits
-from ..algorithms import check_resume, export, new_adapters, rank_allocator, resumed_adapters
+from ..adapters.adapter import Adapter, check_fits
+from ..train.algorithms import check_resume, export, new_adapters, rank_allocator, resumed_adapters
 from ..blocks import block_of
-from ..kinds.trainable import Trainable
-from ..loss_history import losses_in
-from ..training import TrainConfig, make_optimizer, select_targets
+from ..adapters.trainable import Trainable
+from ..train.loss_history import losses_in
+from ..train.recipe import TrainConfig, make_optimizer, select_targets
 from .dynamic_vram import is_dynamic, restream_weights, training_flag
 from .patch import model_weight_shapes, patched_clone, require_sdxl
 from .train_inputs import ModelSchedule, model_schedule, prepare_samples

@@ -11,8 +11,8 @@ import comfy.model_sampling
 import torch
 
 from ..errors import ArchitectureError, BLoRAError
-from ..train_dataset import bucket_groups, training_views
-from ..training import PREDICTION_TARGETS
+from ..train.dataset import bucket_groups, training_views
+from ..train.recipe import PREDICTION_TARGETS
 
 # Checked in order (subclasses first): the model_sampling mixin decides what the model predicts.
 PREDICTION_KINDS: tuple[tuple[type, str], ...] = (

@@ -14,12 +14,12 @@ import comfy.utils
 import latent_preview
 import torch
 
-from ..adalora import RankAllocator
+from ..train.adalora import RankAllocator
 from ..errors import BLoRAError
-from ..kinds.trainable import Trainable
-from ..train_dataset import sample_bucketed_batch
-from ..training import (TrainConfig, diffusion_loss, sample_flips, sample_noise, sample_timesteps, step_generator,
-                        training_target)
+from ..adapters.trainable import Trainable
+from ..train.dataset import sample_bucketed_batch
+from ..train.recipe import (TrainConfig, diffusion_loss, sample_flips, sample_noise, sample_timesteps, step_generator,
+                            training_target)
 from .train_inputs import ModelSchedule, Sample, batch_of, buckets
 
 PROGRESS_EVENT = "blora.train.progress"

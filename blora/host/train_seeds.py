@@ -1,5 +1,5 @@
 """Train B-LoRA with ``seeds`` > 1: N B-LoRAs, each from its own initialisation (seed, seed + 1, …), in one batched
-forward and backward on the host's model patcher (``blora.seeds`` holds the stacked adapters).
+forward and backward on the host's model patcher (``blora.train.seeds`` holds the stacked adapters).
 
 Seed n's adapter equals, to floating-point tolerance, what a single-seed run with the same initialisation and the
 same draws gives. Two modes for the draws (timesteps, noise, image order, flips):
@@ -31,11 +31,11 @@ import comfy.utils
 import torch
 from einops import repeat
 
-from ..adapter import Adapter
+from ..adapters.adapter import Adapter
 from ..errors import BLoRAError
-from ..kinds.lora import TrainableLoRA
-from ..seeds import SeedsLoRA, clip_per_seed, seeds_of
-from ..training import TrainConfig, diffusion_loss, make_optimizer, select_targets, training_target
+from ..adapters.kinds.lora import TrainableLoRA
+from ..train.seeds import SeedsLoRA, clip_per_seed, seeds_of
+from ..train.recipe import TrainConfig, diffusion_loss, make_optimizer, select_targets, training_target
 from .dynamic_vram import is_dynamic, restream_weights, training_flag
 from .output_files import check_prefix, save_target
 from .patch import patched_clone, require_sdxl

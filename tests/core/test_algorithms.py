@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from blora.adalora import BudgetSchedule, RankAllocator, TrainableSVD, schedule_for
-from blora.adapter import delta_weight
-from blora.algorithms import REGISTRY, export, new_adapters, rank_allocator
+from blora.train.adalora import BudgetSchedule, RankAllocator, TrainableSVD, schedule_for
+from blora.adapters.adapter import delta_weight
+from blora.train.algorithms import REGISTRY, export, new_adapters, rank_allocator
 from blora.errors import BLoRAError
-from blora.kinds.loha import TrainableLoHa
-from blora.kinds.lokr import TrainableLoKr, factorization
-from blora.training import ALGORITHMS, TrainConfig, param_groups
+from blora.adapters.kinds.loha import TrainableLoHa
+from blora.adapters.kinds.lokr import TrainableLoKr, factorization
+from blora.train.recipe import ALGORITHMS, TrainConfig, param_groups
 
 
 def gen(seed=0):

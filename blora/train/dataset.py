@@ -19,10 +19,10 @@ from typing import Sequence
 
 import torch
 
-from .errors import BLoRAError, UnsafePathError
-from .image_pipeline import Crop, color_jitter, crop, random_crop_box, resize
-from .train_images import training_size, unit_rgb
-from .training import sample_batch
+from ..errors import BLoRAError, UnsafePathError
+from .augment import Crop, color_jitter, crop, random_crop_box, resize
+from .images import training_size, unit_rgb
+from .recipe import sample_batch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 AUGMENTED_VIEWS = 4  # views encoded per image when an augmentation is on

@@ -21,10 +21,10 @@ from typing import Mapping
 
 import torch
 
-from .errors import BLoRAError
-from .kinds.base import ModuleAdapter
-from .kinds.lora import LoRA
-from .kinds.trainable import Trainable
+from ..errors import BLoRAError
+from ..adapters.kinds.base import ModuleAdapter
+from ..adapters.kinds.lora import LoRA
+from ..adapters.trainable import Trainable
 
 BETA1 = BETA2 = 0.85  # PEFT AdaLoraConfig defaults
 INIT_STD = 0.02

@@ -13,8 +13,8 @@ from typing import Iterable, Sequence
 import torch
 from einops import einsum, rearrange
 
-from .errors import BLoRAError
-from .kinds.lora import TrainableLoRA
+from ..errors import BLoRAError
+from ..adapters.kinds.lora import TrainableLoRA
 
 
 def seeds_of(seed: int, count: int) -> list[int]:
