@@ -1,8 +1,9 @@
 """The in-memory form every dialect is read into, and pure tensor operations on it.
 
-Each module is a ``ModuleAdapter`` of one kind (``blora.adapters.kinds``). Module paths are canonical: UNet modules by their
-LDM path inside the diffusion model (``output_blocks.1.1.transformer_blocks.3.attn2.to_k``), text-encoder modules
-with a ``te1:`` / ``te2:`` prefix and their transformers path (``te1:text_model.encoder.layers.0.self_attn.q_proj``).
+Each module is a ``ModuleAdapter`` of one kind (``blora.adapters.kinds``). Module paths are canonical: UNet
+modules by their LDM path inside the diffusion model (``output_blocks.1.1.transformer_blocks.3.attn2.to_k``),
+text-encoder modules with a ``te1:`` / ``te2:`` prefix and their transformers path
+(``te1:text_model.encoder.layers.0.self_attn.q_proj``).
 """
 from __future__ import annotations
 

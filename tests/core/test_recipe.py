@@ -1,5 +1,5 @@
-"""blora.train.recipe, blora.adapters.trainable, blora.train.images: the recipe, targets, draws, loss, optimizer groups, the
-trainable LoRA / rsLoRA / DoRA math and training-image preparation (torch only)."""
+"""blora.train.recipe, blora.adapters.trainable, blora.train.images: the recipe, targets, draws, loss, optimizer
+groups, the trainable LoRA / rsLoRA / DoRA math and training-image preparation (torch only)."""
 from __future__ import annotations
 
 import dataclasses
