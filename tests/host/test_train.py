@@ -12,7 +12,7 @@ import types
 
 import pytest
 import torch
-from blora_testkit.dynamic import sample
+from blora_testkit.dynamic import assert_renders_as, sample
 from blora_testkit.nodes import run_node
 from blora_testkit.train_fixtures import model, node, one_thread, vae  # noqa: F401
 from blora_testkit.tiny_sdxl import tiny_conditioning
@@ -134,6 +134,9 @@ def test_saved_file_renders_in_stock_comfyui_as_the_trained_model(node, model, v
     weight = model.model.state_dict()[key].float()
     rendered = comfy.lora.calculate_weight(out_model.patches[key], weight.clone(), key)
     assert torch.allclose(rendered, TrainableLoRA.from_module(saved.modules[path])(weight), atol=1e-6)
+    base = model.model.state_dict()  # independent render: the trainer's own math sets every trained weight
+    assert_renders_as(out_model, {p: TrainableLoRA.from_module(m)(base[f"diffusion_model.{p}.weight"].float())
+                                  for p, m in saved.modules.items()}, model)
 
 
 def test_same_seed_same_weights_and_resume_adds_steps(node, model, vae, host_dirs):
