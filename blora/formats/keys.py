@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from .. import unet_map
-from ..adapters.adapter import Adapter, ModuleAdapter
+from ..adapters.adapter import Adapter, ModuleAdapter, is_text_encoder
 from .dialects import (BY_NAME, DIALECTS, PEFT_COMPONENTS, PREFIXES, SUFFIXES_LONGEST_FIRST, WRAPPER_PREFIX,
                        WRITABLE, Dialect)
 from ..errors import AdapterFileError, BLoRAError
@@ -220,7 +220,7 @@ def _peft_alphas(metadata: Mapping[str, str], where: str) -> Callable[[str, str,
 
 def module_key(dialect: Dialect, path: str) -> str:
     """The module name (prefix included) ``dialect`` gives canonical ``path``."""
-    if path.startswith(("te1:", "te2:")):
+    if is_text_encoder(path):
         part, clip = path.split(":", 1)
         name = clip.replace(".", "_") if dialect.underscore else clip
         return dialect.te_prefixes[0 if part == "te1" else 1] + name
