@@ -14,17 +14,12 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
 from .adapters.adapter import merge, select
 from .arch import resolve_blocks
 from .formats.dialects import WRITABLE
 from .errors import BLoRAError
-from .formats.files import read_adapter, write_adapter
+from .formats.files import DTYPES, read_adapter, write_adapter
 from .formats.report import inspect_adapter
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
 
 def _inspect(args: argparse.Namespace) -> int:
     failed = 0

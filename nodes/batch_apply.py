@@ -10,7 +10,7 @@ from einops import rearrange
 
 from ..blora.adapters.adapter import Adapter
 from ..blora.errors import BLoRAError
-from ..blora.host.batched_lora import batched_clone
+from ..blora.host.realise import batched_clone
 from ..blora.compose.block_weights import role_parts
 from .types import role_inputs, role_strength_inputs
 

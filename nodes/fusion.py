@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..blora.adapters.adapter import Adapter
 from ..blora.compose.klora import TIME_SCALES
-from ..blora.host.dynamic import fused_clone
+from ..blora.host.realise import fused_clone
 from .types import BLoRA, strength
 
 

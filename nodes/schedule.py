@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..blora.adapters.adapter import Adapter
-from ..blora.host.dynamic import scheduled_clone
+from ..blora.host.realise import scheduled_clone
 from ..blora.compose.strength_schedule import parse_schedule
 from .types import BLoRA, role_inputs
 

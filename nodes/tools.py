@@ -5,12 +5,11 @@ import logging
 import os
 
 import folder_paths
-import torch
 from comfy_api.latest import io
 
 from ..blora.adapters.adapter import Adapter, merge, select
 from ..blora.errors import BLoRAError
-from ..blora.formats.files import write_adapter
+from ..blora.formats.files import DTYPES, write_adapter
 from ..blora.host.output_files import save_target
 from ..blora.compose.block_weights import role_parts
 from .types import BLoRA, role_inputs
@@ -18,7 +17,6 @@ from .types import BLoRA, role_inputs
 log = logging.getLogger(__name__)
 
 FORMATS = ("kohya", "comfy", "diffusers", "peft")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def select_roles(adapter: Adapter, roles: str) -> Adapter:

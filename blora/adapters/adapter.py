@@ -17,6 +17,13 @@ from .kinds import ModuleAdapter, delta_weight
 
 __all__ = ["Adapter", "ModuleAdapter", "delta_weight", "select", "merge", "check_fits"]
 
+TEXT_ENCODER_PREFIXES = ("te1:", "te2:")
+
+
+def is_text_encoder(path: str) -> bool:
+    """Whether a canonical module path is a text encoder's (``te1:`` / ``te2:``) rather than the UNet's."""
+    return path.startswith(TEXT_ENCODER_PREFIXES)
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -43,6 +50,10 @@ class Adapter:
     def roles(self) -> list[str]:
         """Roles whose blocks it touches, in model order (SDXL: the block's role; FLUX: any block of the range)."""
         return list(dict.fromkeys(b.role for b in self.blocks() if b.role))
+
+    def unet_modules(self) -> dict[str, ModuleAdapter]:
+        """The modules that patch the UNet (MODEL), without the text encoders'."""
+        return {p: m for p, m in self.modules.items() if not is_text_encoder(p)}
 
     @property
     def num_params(self) -> int:
@@ -89,9 +100,7 @@ def merge(parts: Mapping[str, Adapter | None]) -> Adapter:
 def check_fits(adapter: Adapter, weight_shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Raise ArchitectureError (naming the file and module) unless every UNet module exists in the model with the
     same (out, in) shape. weight_shapes: canonical module path -> weight shape."""
-    for path, module in adapter.modules.items():
-        if path.startswith("te"):
-            continue
+    for path, module in adapter.unet_modules().items():
         shape = weight_shapes.get(path)
         if shape is None:
             raise ArchitectureError(f"{adapter.source or 'adapter'}: module {path!r} does not exist in this model "

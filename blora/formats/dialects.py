@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from ..adapters.kinds import KINDS
 
-# (file suffix, adapter kind or None, canonical tensor name): each kind's own spellings (``blora.adapters.kinds``), then
-# the entries any kind may carry (kind None): bias diff, alpha, DoRA magnitude.
+# (file suffix, adapter kind or None, canonical tensor name): each kind's own spellings (``blora.adapters.kinds``),
+# then the entries any kind may carry (kind None): bias diff, alpha, DoRA magnitude.
 SUFFIXES: tuple[tuple[str, str | None, str], ...] = tuple(
     (suffix, kind.name, name) for kind in KINDS.values() for suffix, name in kind.read_suffixes.items()) + (
     (".diff_b", None, "diff_b"), (".b_norm", None, "diff_b"),
@@ -22,13 +22,15 @@ SUFFIXES: tuple[tuple[str, str | None, str], ...] = tuple(
 )
 SUFFIXES_LONGEST_FIRST = tuple(sorted(SUFFIXES, key=lambda row: -len(row[0])))
 
+UNET_PREFIX = "diffusion_model."  # the UNet's keys in a ComfyUI model's state dict, and in the comfy dialect
+
 # (key prefix, model part, spelling): "dotted" module paths (diffusers or LDM for the UNet, CLIP for text
 # encoders) or "underscore" (kohya). Longest prefix first; "" is a bare UNet path (PEFT on the UNet itself).
 # "unet" means the denoiser of any architecture (SDXL UNet, FLUX transformer: ``transformer.`` is diffusers' FLUX
 # prefix, ``lora_transformer_`` OneTrainer's kohya spelling of it).
 PREFIXES: tuple[tuple[str, str, str], ...] = (
     ("text_encoders.clip_l.transformer.", "te1", "dotted"), ("text_encoders.clip_g.transformer.", "te2", "dotted"),
-    ("diffusion_model.", "unet", "dotted"), ("text_encoder_2.", "te2", "dotted"), ("text_encoder.", "te1", "dotted"),
+    (UNET_PREFIX, "unet", "dotted"), ("text_encoder_2.", "te2", "dotted"), ("text_encoder.", "te1", "dotted"),
     ("unet.unet.", "unet", "dotted"), ("unet.", "unet", "dotted"), ("transformer.", "unet", "dotted"),
     ("lora_unet_", "unet", "underscore"), ("lycoris_", "unet", "underscore"),
     ("lora_transformer_", "unet", "underscore"),
@@ -92,7 +94,7 @@ DIALECTS: tuple[Dialect, ...] = (
             "diffusers", True, _KOHYA_TE, _KOHYA_LORA, True, True, "kohya names in diffusers layout"),
     Dialect("kohya", re.compile(r"^lora_(unet|te\d?)_"), "lora_unet_", "ldm", True, _KOHYA_TE, _KOHYA_LORA, True,
             True, "kohya LDM names (sd-scripts, LyCORIS, A1111, stock ComfyUI)"),
-    Dialect("comfy", re.compile(r"^(diffusion_model|text_encoders)\."), "diffusion_model.", "ldm", False,
+    Dialect("comfy", re.compile(rf"^({re.escape(UNET_PREFIX)}|text_encoders\.)"), UNET_PREFIX, "ldm", False,
             ("text_encoders.clip_l.transformer.", "text_encoders.clip_g.transformer."), _KOHYA_LORA, True, True,
             "ComfyUI generic (diffusion_model.<path>, as TrainLoraNode writes)"),
 )

@@ -20,7 +20,7 @@ import torch
 from .. import arch
 from ..arch import fused
 from ..arch import sdxl as unet_map
-from ..adapters.adapter import Adapter, ModuleAdapter
+from ..adapters.adapter import Adapter, ModuleAdapter, is_text_encoder
 from .dialects import (BY_NAME, DIALECTS, PEFT_COMPONENTS, PREFIXES, SUFFIXES_LONGEST_FIRST, WRAPPER_PREFIX,
                        WRITABLE, Dialect)
 from ..errors import AdapterFileError, BLoRAError
@@ -292,7 +292,7 @@ _DIFFUSERS_PREFIX_FOR = {"unet.": "{component}.", "lora_unet_": "lora_{component
 def module_key(dialect: Dialect, path: str) -> str:
     """The module name (prefix included) ``dialect`` gives canonical ``path`` (a whole layer; split pieces of a
     fused layer come from ``module_units``)."""
-    if path.startswith(("te1:", "te2:")):
+    if is_text_encoder(path):
         part, clip = path.split(":", 1)
         name = clip.replace(".", "_") if dialect.underscore else clip
         return dialect.te_prefixes[0 if part == "te1" else 1] + name

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from ..adapters.adapter import Adapter
+from ..adapters.adapter import Adapter, is_text_encoder
 from ..arch import block_of
 from ..adapters.kinds import KINDS
 from ..train.loss_history import training_summary
@@ -131,7 +131,7 @@ def inspect_adapter(adapter: Adapter) -> AdapterReport:
     modules = adapter.modules
     kinds = Counter(m.kind for m in modules.values())
     dtypes = {str(t.dtype).replace("torch.", "") for m in modules.values() for t in m.tensors.values()}
-    unet = [p for p in modules if not p.startswith(("te1:", "te2:"))]
+    unet = [p for p in modules if not is_text_encoder(p)]
     return AdapterReport(
         source=adapter.source, dialect=adapter.dialect or "-",
         roles=tuple(adapter.roles()), blocks=tuple(b.slot for b in adapter.blocks()),

@@ -21,8 +21,9 @@ from ..arch.sdxl import block_of
 from ..adapters.trainable import Trainable
 from ..train.loss_history import losses_in
 from ..train.recipe import TrainConfig, make_optimizer, select_targets
-from .dynamic_vram import is_dynamic, restream_weights, training_flag
-from .patch import model_weight_shapes, patched_clone, require_sdxl
+from .compat import is_dynamic, restream_weights, training_flag
+from .patch import model_weight_shapes, require_sdxl
+from .realise import patched_clone
 from .train_inputs import NoiseSchedule, noise_schedule, prepare_samples
 from .train_loop import TrainState, run_loop
 from .output_files import check_prefix, save_target

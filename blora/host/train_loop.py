@@ -4,7 +4,6 @@ server runs, checkpoints through a callback."""
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -20,6 +19,7 @@ from ..adapters.trainable import Trainable
 from ..train.dataset import sample_bucketed_batch
 from ..train.recipe import (TrainConfig, diffusion_loss, sample_flips, sample_noise, sample_timesteps, step_generator,
                             training_target)
+from . import compat
 from .train_inputs import NoiseSchedule, Sample, batch_of, buckets
 
 PROGRESS_EVENT = "blora.train.progress"
@@ -103,8 +103,7 @@ def train_step(state: TrainState, step: int) -> float:
 
 def progress_sender(node_id: str | None) -> Callable[[dict], None] | None:
     """Sends ``blora.train.progress`` to the prompt's client when a ComfyUI server runs in this process."""
-    server = sys.modules.get("server")  # the host's server module, loaded only when a server runs
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    instance = compat.prompt_server()
     if instance is None or node_id is None:
         return None
     return lambda payload: instance.send_sync(PROGRESS_EVENT, dict(payload, node=node_id), instance.client_id)

@@ -36,9 +36,10 @@ from ..errors import BLoRAError
 from ..adapters.kinds.lora import TrainableLoRA
 from ..train.seeds import SeedsLoRA, clip_per_seed, seeds_of
 from ..train.recipe import TrainConfig, diffusion_loss, make_optimizer, select_targets, training_target
-from .dynamic_vram import is_dynamic, restream_weights, training_flag
+from .compat import is_dynamic, restream_weights, training_flag
 from .output_files import check_prefix, save_target
-from .patch import patched_clone, require_sdxl
+from .patch import require_sdxl
+from .realise import patched_clone
 from .train import LOAD_ALL_MEMORY, TrainOutcome, linear_paths
 from .train_inputs import NoiseSchedule, noise_schedule, prepare_samples
 from .train_loop import PREVIEW_INTERVAL_S, draw_batch, preview_decoder, progress_sender

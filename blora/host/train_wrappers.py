@@ -19,7 +19,8 @@ import torch
 import torch.utils.checkpoint
 
 from ..adapters.trainable import Trainable
-from .dynamic_vram import keep_weight_functions
+from . import compat
+from .compat import keep_weight_functions
 
 UNET_PREFIX = "diffusion_model."
 
@@ -47,9 +48,7 @@ def _alias(t: torch.Tensor) -> torch.nn.Parameter:
     with torch.inference_mode(False):
         alias = torch.nn.Parameter(torch.empty(0, dtype=t.dtype, device=t.device).set_(
             t.untyped_storage(), t.storage_offset(), t.size(), t.stride()), requires_grad=False)
-    for name, value in vars(t).items():
-        setattr(alias, name, value)
-    return alias
+    return compat.copy_host_tags(t, alias)
 
 
 @contextlib.contextmanager
@@ -72,11 +71,7 @@ def frozen_aliases(module: torch.nn.Module) -> Iterator[None]:
 def strip_wrappers(module: torch.nn.Module, adapters: Mapping[str, Trainable]) -> None:
     """Remove the adapters from the modules' weight functions (the host would on its next load; this makes sure
     no later call of the shared UNet runs them)."""
-    ours = {id(a) for a in adapters.values()}
-    for m in module.modules():
-        functions = getattr(m, "weight_function", None)
-        if functions and any(id(f) in ours for f in functions):
-            m.weight_function = [f for f in functions if id(f) not in ours]
+    compat.strip_functions(module, adapters.values())
 
 
 def unet_layers(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

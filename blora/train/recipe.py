@@ -18,6 +18,7 @@ import torch
 from ..arch.sdxl import ROLES, block_of, resolve_block
 from ..errors import BLoRAError
 from ..adapters.kinds.lora import INITIALISATIONS
+from ..formats.files import DTYPES
 
 # Preset name -> roles whose blocks get adapters. "custom" selects by layer_filter alone.
 BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
@@ -30,8 +31,8 @@ BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
 ALGORITHMS = ("LoRA", "DoRA", "LoKr", "LoHa", "AdaLoRA")  # how each trains: blora.train.algorithms
 LYCORIS_ALGORITHMS = ("LoKr", "LoHa")
 OPTIMIZERS = ("AdamW", "SGD")
-TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TRAINING_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp16", "fp32")}  # in the node's order
+SAVE_PRECISIONS = DTYPES
 SEED_DRAWS = ("shared", "own")  # seeds > 1: every seed uses the draws of `seed`, or seed + n its own
 
 # The original trainer's targets inside an attention block: q, k, v, out of both attentions, nothing else.

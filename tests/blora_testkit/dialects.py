@@ -1,5 +1,5 @@
-"""Adapter state dicts in every key dialect, built independently of ``blora.formats.keys`` (own naming code, from the index
-rule in shared/reference/blora.md §1), plus the expected weight deltas, for reader/writer tests.
+"""Adapter state dicts in every key dialect, built independently of ``blora.formats.keys`` (own naming code, from
+the index rule in shared/reference/blora.md §1), plus the expected weight deltas, for reader/writer tests.
 
     make_state_dict("kohya", TINY_ATTN_SHAPES, rank=4, seed=0, alpha=2.0)
     reference_deltas(TINY_ATTN_SHAPES, rank=4, seed=0, alpha=2.0)   # canonical path -> ΔW (float32)
