@@ -30,7 +30,7 @@ def blora(model, rank: int = 64, seed: int = 3):
     import torch
 
     from blora.adapters.adapter import Adapter, ModuleAdapter
-    from blora.blocks import ROLES
+    from blora.arch.sdxl import ROLES
     from blora.host import model_weight_shapes
 
     gen = torch.Generator().manual_seed(seed)

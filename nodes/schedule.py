@@ -27,7 +27,7 @@ class BLoRASchedule(io.ComfyNode):
                         "sampling progress of each run (any sampler and step count). Constant schedules are "
                         "ordinary patches; scheduled blocks update their layers' weights at every step.",
             inputs=[
-                io.Model.Input("model", tooltip="SDXL-architecture model; a patched clone is returned."),
+                io.Model.Input("model", tooltip="SDXL- or FLUX.1-architecture model; a patched clone is returned."),
                 *role_inputs(),
                 _schedule_input("content", "1.0"),
                 _schedule_input("style", "0:0.0, 0.3:1.0"),

@@ -10,7 +10,7 @@ Host patch internals (``comfy/model_patcher.py``, ``comfy/lora.py``, ``comfy/ops
   ``comfy.lora.calculate_weight`` reads it (``patch_tuple``).
 - ``executor.class_obj``: the object a ``DIFFUSION_MODEL`` wrapper wraps (the UNet); the wrapper is called as
   ``wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs)``, transformer_options
-  positional (``args[4]`` after x) or by keyword (``transformer_options_of``).
+  positional (the last dict after x) or by keyword (``transformer_options_of``).
 - The sampler merges a patcher's ``wrappers`` into ``model_options["transformer_options"]["wrappers"]``; a direct
   UNet call (training) passes the same (``call_options``).
 - ``server.PromptServer.instance`` (the running server, when there is one) and its ``send_sync`` / ``client_id``.
@@ -88,11 +88,12 @@ def wrapped_object(executor):
 
 
 def transformer_options_of(args: tuple, kwargs: dict) -> dict:
-    """The transformer_options a DIFFUSION_MODEL wrapper got (args after x: timesteps, context, y, control,
-    transformer_options)."""
+    """The transformer_options a DIFFUSION_MODEL wrapper got: by keyword, or positionally as the last dict argument
+    (SDXL's UNet: x, timesteps, context, y, control, transformer_options; FLUX: x, timestep, context, y, guidance,
+    ref_latents, control, transformer_options)."""
     options = kwargs.get("transformer_options")
     if options is None:
-        options = args[4] if len(args) > 4 else {}
+        options = next((a for a in reversed(args) if isinstance(a, dict)), {})
     return options
 
 

@@ -21,7 +21,7 @@ import comfy.lora
 import torch
 
 from ..adapters.adapter import Adapter, ModuleAdapter
-from ..blocks import ROLES
+from ..arch.sdxl import ROLES
 from ..compose.plan import Static
 from ..adapters.dora import dora_weight
 from ..errors import ArchitectureError, BLoRAError

@@ -40,8 +40,9 @@ from ..compose.klora import FusionPlan, layer_stats, plan_from_stats, time_scale
 from ..compose.strength_schedule import Schedule, is_constant, strength_at
 from ..compose.block_weights import role_parts
 from . import compat
+from .architecture import require_architecture
 from .patch import (UNET_PREFIX, bias_key, host_patches, key_map, listing, model_weight_shapes, render_peft_dora,
-                    require_sdxl, routed_dense, timed_delta, weight_key)
+                    routed_dense, timed_delta, weight_key)
 from .routed import RoutedLinear, adder, factors, low_rank, row_entries
 from .timed import LayerDelta, ProgressTracker, ScaledDelta, SwitchedDelta
 
@@ -105,17 +106,15 @@ def _parts(entry: Entry) -> list[Static]:
 
 
 def _check(model, plan: Plan) -> None:
-    """Every adapter module against the model (per source, in plan order); routed layers are Linear."""
-    by_source: dict[str, dict] = {}
-    for path, entry in plan.entries:
-        for part in _parts(entry):
-            by_source.setdefault(part.source, {}).setdefault(path, part.module)
-    if not by_source and any(True for _ in plan.of(Trained)):
+    """Every adapter module against the model (in plan order, naming its source); routed layers are Linear."""
+    parts = [(path, part) for path, entry in plan.entries for part in _parts(entry)]
+    if not parts and any(True for _ in plan.of(Trained)):
         return  # training checks its model itself
     shapes = model_weight_shapes(model)
-    require_sdxl(model, shapes)
-    for source, modules in by_source.items():
-        check_fits(Adapter(modules=modules, source=source), shapes)
+    require_architecture(model, [Adapter(modules={path: part.module}, source=part.source) for path, part in parts],
+                         shapes)
+    for path, part in parts:
+        check_fits(Adapter(modules={path: part.module}, source=part.source), shapes)
     for path, _ in plan.of(Routed):
         module = model.model.diffusion_model.get_submodule(path)
         if not isinstance(module, torch.nn.Linear):
@@ -445,7 +444,7 @@ def batched_clone(model, entries: Sequence[Sequence[tuple[Adapter, float]]]):
     if not entries:
         raise BLoRAError("B-LoRA Batch Apply: the batch has no entries")
     shapes = model_weight_shapes(model)
-    require_sdxl(model, shapes)
+    require_architecture(model, [a for parts in entries for a, _ in parts], shapes)
     for parts in entries:  # every part is checked, strength 0 included (as Apply B-LoRA checks them)
         for adapter, _ in parts:
             check_fits(adapter, shapes)

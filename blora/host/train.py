@@ -22,7 +22,7 @@ import torch
 from ..adapters.adapter import Adapter, check_fits
 from ..train.algorithms import (check_resume, check_stackable, export, new_adapters, rank_allocator, resumed_adapters,
                                 stacked_adapters)
-from ..blocks import block_of
+from ..arch.sdxl import block_of
 from ..errors import BLoRAError
 from ..train.loss_history import losses_in
 from ..train.seeds import seeds_of

@@ -16,9 +16,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from ..blocks import ROLES, block_of, resolve_block
+from ..arch.sdxl import ROLES, block_of, resolve_block
 from ..errors import BLoRAError
 from ..adapters.kinds.lora import INITIALISATIONS
+from ..formats.files import DTYPES
 
 # Preset name -> roles whose blocks get adapters. "custom" selects by layer_filter alone.
 BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
@@ -31,8 +32,8 @@ BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
 ALGORITHMS = ("LoRA", "DoRA", "LoKr", "LoHa", "AdaLoRA")  # how each trains: blora.train.algorithms
 LYCORIS_ALGORITHMS = ("LoKr", "LoHa")
 OPTIMIZERS = ("AdamW", "SGD")
-TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TRAINING_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp16", "fp32")}  # in the node's order
+SAVE_PRECISIONS = DTYPES
 SEED_DRAWS = ("shared", "own")  # seeds > 1: every seed uses the draws of `seed`, or seed + n its own
 # What backward recomputes instead of keeping: nothing; the transformer blocks holding trained layers (the
 # default: about the minimal loop's memory at a few percent of step time); every layer from the first trained

@@ -1,5 +1,5 @@
-"""blora.train.recipe, blora.adapters.trainable, blora.train.images: the recipe, targets, draws, loss, optimizer groups, the
-trainable LoRA / rsLoRA / DoRA math and training-image preparation (torch only)."""
+"""blora.train.recipe, blora.adapters.trainable, blora.train.images: the recipe, targets, draws, loss, optimizer
+groups, the trainable LoRA / rsLoRA / DoRA math and training-image preparation (torch only)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,8 @@ import torch
 
 from blora.adapters.adapter import ModuleAdapter
 from blora.errors import BLoRAError
-from blora.train.images import original_sizes, prepare_images, training_size
+from blora.train.dataset import training_views
+from blora.train.images import training_size
 from blora.adapters.trainable import DORA_EPS
 from blora.adapters.kinds.lora import TrainableLoRA
 from blora.train.recipe import (CHECKPOINTING, TrainConfig, diffusion_loss, make_optimizer, param_groups, sample_batch,
@@ -296,7 +297,7 @@ def test_images_of_any_mode_become_rgb_in_unit_range():
     rgba = torch.cat([torch.full((1, 40, 40, 3), 0.5), torch.zeros(1, 40, 40, 1)], dim=-1)
     sixteen = torch.full((1, 40, 40, 3), 65535 // 4, dtype=torch.int32)
     eight = torch.full((1, 40, 40, 3), 51, dtype=torch.uint8)
-    out = prepare_images([gray, rgba, sixteen, eight], resolution=64)
+    out = [v.image for v in training_views([gray, rgba, sixteen, eight], resolution=64)]
     assert [tuple(i.shape) for i in out] == [(64, 64, 3)] * 4
     for image, value in zip(out, (0.25, 0.5, 0.25, 0.2)):
         assert image.dtype == torch.float32 and torch.allclose(image, torch.full_like(image, value), atol=1e-3)
@@ -304,10 +305,10 @@ def test_images_of_any_mode_become_rgb_in_unit_range():
 
 def test_mixed_sizes_are_resized_each_and_sizes_reported():
     images = [torch.rand(48, 96, 3), torch.rand(1, 80, 40, 3)]
-    out = prepare_images(images, resolution=64)
-    assert [tuple(i.shape) for i in out] == [(64, 128, 3), (128, 64, 3)]
-    assert original_sizes(images) == [(48, 96), (80, 40)]
-    assert all(float(i.min()) >= 0.0 and float(i.max()) <= 1.0 for i in out)
+    views = training_views(images, resolution=64)
+    assert [tuple(v.image.shape) for v in views] == [(64, 128, 3), (128, 64, 3)]
+    assert [v.original_size for v in views] == [(48, 96), (80, 40)]
+    assert all(float(v.image.min()) >= 0.0 and float(v.image.max()) <= 1.0 for v in views)
 
 
 @pytest.mark.parametrize("images, message", [
@@ -319,4 +320,4 @@ def test_mixed_sizes_are_resized_each_and_sizes_reported():
 ])
 def test_bad_images_are_refused_clearly(images, message):
     with pytest.raises(BLoRAError, match=message):
-        prepare_images(images, resolution=64)
+        training_views(images, resolution=64)

@@ -73,6 +73,37 @@ def test_weight_functions_reach_modules_the_loader_skipped_and_leave_on_detach(t
     assert module.weight_function == []
 
 
+def test_bias_functions_reach_modules_the_loader_skipped_too(tiny_model):
+    from dataclasses import replace
+
+    from blora.compose.strength_schedule import parse_schedule
+
+    style = make_lora(tiny_model, [STYLE], seed=3)
+    path = next(p for p in style.modules if p.endswith("to_out.0"))  # a Linear with a bias
+    module = tiny_model.model.get_submodule(f"diffusion_model.{path}")
+    m = style.modules[path]
+    with_bias = replace(m, tensors={**m.tensors, "diff_b": torch.randn(module.bias.shape[0])})
+    style = replace(style, modules={**style.modules, path: with_bias})
+    scheduled = importlib.import_module("blora.host.realise").scheduled_clone(
+        tiny_model, {"style": (style, parse_schedule("0:0, 1:1"))})
+    key = f"diffusion_model.{path}.bias"
+    assert key in dv.weight_functions(scheduled)
+    dynamic = DynamicFlagged(scheduled.model, scheduled.load_device, scheduled.offload_device)
+    for k, functions in dv.weight_functions(scheduled).items():
+        for function in functions:
+            dynamic.add_weight_wrapper(k, function)
+    module.bias_function = []
+    try:
+        for callback in scheduled.get_all_callbacks(comfy.patcher_extension.CallbacksMP.ON_LOAD):
+            callback(dynamic, "cpu", 0, False, False)
+        assert module.bias_function == dv.weight_functions(scheduled)[key]
+        for callback in scheduled.get_all_callbacks(comfy.patcher_extension.CallbacksMP.ON_DETACH):
+            callback(dynamic, False)
+        assert module.bias_function == []
+    finally:
+        module.bias_function = []
+
+
 def test_keep_weight_functions_changes_nothing_on_a_classic_patcher(tiny_model):
     subject = make_lora(tiny_model, [CONTENT, STYLE], seed=1)
     style = make_lora(tiny_model, [CONTENT, STYLE], seed=2)

@@ -150,6 +150,7 @@ def test_the_dynamic_loaders_internals_are_as_compat_names_them():
     dynamic = inspect.getsource(comfy.model_patcher.ModelPatcherDynamic)
     ops = source("comfy/ops.py")
     assert "item._v_signature = None" in dynamic and "s._v_signature" in ops  # restream_weights: set_dirty
+    assert "s._v_weight = weight" in ops  # the resident copy the signature guards
     assert "weight._model_dtype = " in dynamic  # copy_host_tags: HOST_TENSOR_TAGS
     assert all(f"t.{tag}" in source("comfy/memory_management.py") for tag in compat.HOST_TENSOR_TAGS)
     assert "if module_mem > 16 * 1024:" in dynamic  # small modules are force-loaded ...

@@ -50,12 +50,12 @@ def hooks_left(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.modules())
 
 
-def unet_call(model, options, batch=1):
+def unet_call(model, options, batch=1, grad=False):
     unet = model.model.diffusion_model
     context = tiny_conditioning(1)[0][0].repeat(batch, 1, 1)
     y = torch.zeros(batch, model.model.model_config.unet_config["adm_in_channels"])
     x = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         return unet(x, torch.full((batch,), 500.0), context=context, y=y, control=None, transformer_options=options)
 
 
@@ -108,3 +108,26 @@ def test_widen_repeats_the_batch_from_the_first_widened_layer(tiny_model):
     assert out.shape[0] == 3 and torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
     torch.testing.assert_close(out[:1], unet_call(tiny_model, {}), rtol=1e-5, atol=1e-6)
     assert hooks_left(tiny_model) == 0
+
+
+def test_both_modes_train_the_same_gradients(tiny_model):
+    """What training needs from the realiser: the loss and the layers' gradients agree between the modes, with the
+    activation hooks held by ``installed`` across a direct UNet call and its backward."""
+    import comfy.model_management
+
+    grads = {}
+    for mode in ("weight", "activation"):
+        trained = layers(tiny_model)
+        clone = realise_mod.realise(tiny_model, plan_mod.trained_plan(trained, mode))
+        unload_all()
+        comfy.model_management.load_models_gpu([clone])
+        with torch.inference_mode(False), realise_mod.installed(clone) as options:
+            loss = unet_call(clone, dict(options), grad=True).square().mean()
+            loss.backward()
+        grads[mode] = (loss.item(), [t.grad.clone() for a in trained.values() for t in (a.down, a.up)])
+        unload_all()
+    (loss_w, g_w), (loss_a, g_a) = grads["weight"], grads["activation"]
+    assert loss_w == pytest.approx(loss_a, rel=1e-5)
+    assert all(g.abs().max() > 0 for g in g_w)
+    for a, b in zip(g_w, g_a):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)

@@ -39,6 +39,7 @@ class LoRA(Kind):
         ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
         ".lora_A.weight": "down", ".lora_B.weight": "up",
         ".lora_A.default.weight": "down", ".lora_B.default.weight": "up",
+        ".down.weight": "down", ".up.weight": "up",  # XLabs FLUX: processor.qkv_lora1.down.weight
     }
     kohya_suffixes = {"down": ".lora_down.weight", "up": ".lora_up.weight", "mid": ".lora_mid.weight"}
 
