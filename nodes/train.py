@@ -22,7 +22,8 @@ NO_RESUME = "none"
 def _inputs() -> list:
     d = TrainConfig()
     return [
-        io.Model.Input("model", tooltip="SDXL model to train on; it is never modified (the output is a clone)."),
+        io.Model.Input("model", tooltip="SDXL or FLUX.1 (dev or schnell) model to train on; it is never modified (the output is a "
+                               "clone). Other architectures are refused with an error naming the model."),
         io.Vae.Input("vae", tooltip="VAE that encodes the training images (once, before the first step)."),
         io.Image.Input("images", optional=True,
                        tooltip="Training image(s). One image is the B-LoRA default; several are allowed. Not needed "
@@ -31,11 +32,15 @@ def _inputs() -> list:
                               tooltip="Prompt, e.g. 'A [v]' with a rare token: one conditioning for all images, or "
                                       "one per image. Not needed with a training_set."),
         io.Combo.Input("blocks", options=list(BLOCK_PRESETS), default=d.blocks,
-                       tooltip="Attention blocks that get adapters: content output_blocks.0.1, style "
-                               "output_blocks.1.1, layout input_blocks.8.1; custom: those layer_filter selects."),
+                       tooltip="Blocks that get adapters. SDXL: q/k/v/out of both attentions of content "
+                               "output_blocks.0.1, style output_blocks.1.1, layout input_blocks.8.1. FLUX.1: linear1 "
+                               "and linear2 of the single blocks of SplitFlux's split: content single_blocks.0-9, "
+                               "style single_blocks.10-37 (no layout role). custom: those layer_filter selects."),
         io.String.Input("layer_filter", default=d.layer_filter,
-                        tooltip="Regex over module paths such as output_blocks.1.1.transformer_blocks.0.attn2.to_k. "
-                                "With custom it selects the Linear layers; otherwise it narrows the preset."),
+                        tooltip="Regex over module paths such as output_blocks.1.1.transformer_blocks.0.attn2.to_k "
+                                "(FLUX.1: single_blocks.12.linear1, double_blocks.3.img_attn.qkv). With custom it "
+                                "selects the Linear layers (any block by name, e.g. ^double_blocks\\.3\\.(img|txt)_"
+                                "(attn|mlp)); otherwise it narrows the preset."),
         io.Int.Input("rank", default=d.rank, min=1, max=1024, tooltip="LoRA rank (the paper: 64)."),
         io.Float.Input("alpha", default=d.alpha, min=0.01, max=4096.0, step=0.5,
                        tooltip="LoRA alpha; scale alpha/rank (alpha/sqrt(rank) with rslora). The paper: alpha = rank."),
@@ -144,7 +149,8 @@ class BLoRATrain(io.ComfyNode):
         return io.Schema(
             node_id="BLoRATrain", display_name="Train B-LoRA", category="B-LoRA/train",
             description="Train a B-LoRA from one image (or a training set of captioned images): LoRA adapters on the "
-                        "attention layers of the content and style blocks (the paper's recipe by default), saved "
+                        "attention layers of the content and style blocks (the paper's recipe by default; on FLUX.1 "
+                        "the single blocks of SplitFlux's split, trained on the flow-matching objective), saved "
                         "to output/loras/ in the kohya format. Returns the model with the trained B-LoRA applied, and the B-LoRA.",
             inputs=_inputs(),
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The input model with the trained B-LoRA at "

@@ -1,6 +1,9 @@
 """Train B-LoRA on the host's own model patcher, one seed or several (``train_runs``; ``train_blora`` for one,
 ``blora.host.train_seeds.train_blora_seeds`` for N), every algorithm through ``blora.train.algorithms.REGISTRY``.
 
+Architectures: SDXL and FLUX.1 (``blora.host.architecture.require_architecture``; the targets, schedule, prediction
+target and conditioning follow the model's: ``blora.train.recipe.select_targets``, ``train_inputs``).
+
 Order of work: every check that can fail on the inputs (architecture, schedule, targets, file name, images,
 conditioning, resume file) runs before training starts, so bad input writes nothing. Training runs under
 ``torch.inference_mode(False)`` on a clone of the input ModelPatcher, loaded through
@@ -22,13 +25,14 @@ import torch
 from ..adapters.adapter import Adapter, check_fits
 from ..train.algorithms import (check_resume, check_stackable, export, new_adapters, rank_allocator, resumed_adapters,
                                 stacked_adapters)
-from ..arch.sdxl import block_of
+from ..arch import block_of
 from ..errors import BLoRAError
 from ..train.loss_history import losses_in
 from ..train.seeds import seeds_of
 from ..train.recipe import TrainConfig, make_optimizer, select_targets
 from .compat import is_dynamic, restream_weights
-from .patch import model_weight_shapes, require_sdxl
+from .architecture import require_architecture
+from .patch import model_weight_shapes
 from .realise import installed, patched_clone, realise
 from .train_inputs import NoiseSchedule, noise_schedule, prepare_samples
 from .train_loop import TrainState, run_loop
@@ -130,9 +134,9 @@ def train_runs(model, vae, images, positive, config: TrainConfig, filename_prefi
     check_stackable(config)
     if resume is not None and config.seeds > 1:
         raise BLoRAError("resume_from works with seeds = 1: resume one seed's file on its own")
-    require_sdxl(model)
+    architecture = require_architecture(model)
     schedule = noise_schedule(model)
-    targets = select_targets(linear_paths(model), config)
+    targets = select_targets(linear_paths(model), config, architecture.name)
     if resume is not None:
         check_fits(resume, model_weight_shapes(model))
         check_resume(resume, _target_weights(model, targets), config)
@@ -149,7 +153,7 @@ def train_runs(model, vae, images, positive, config: TrainConfig, filename_prefi
         for n, (s, target) in enumerate(zip(seeds, saves)):
             single = config if config.seeds == 1 else replace(config, seed=s, seeds=1)
             meta = train_metadata(single, steps_before + done, base, schedule.prediction,
-                                  losses_before + [row[n] for row in losses])
+                                  losses_before + [row[n] for row in losses], architecture.name)
             if config.seeds > 1:
                 meta.update({"blora.seed_draws": config.seed_draws,
                              "blora.draw_seed": str(config.seed if config.seed_draws == "shared" else s)})

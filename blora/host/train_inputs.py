@@ -1,7 +1,9 @@
 """What the loop trains on, made once before it starts: latents of each training view (``blora.train.dataset``: one per
 image, or several augmented views; VAE-encoded once, flipped copies when flip augmentation is on), per-image
-cross-attention context and SDXL vector conditioning (pooled text + size conditioning: original size, crop corner,
-training size), and the model's schedule and prediction type."""
+cross-attention context and vector conditioning through the model's own ``extra_conds`` (SDXL: pooled text + size
+conditioning: original size, crop corner, training size; FLUX.1: pooled CLIP-L text, and the ``guidance`` value of
+FLUX dev), and the model's schedule and prediction type (SDXL: a discrete EPS / v schedule; FLUX.1: flow matching,
+``ModelSamplingFlux`` + CONST, whose 10000-entry sigma table the host samples from)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,18 +20,27 @@ from ..train.recipe import PREDICTION_TARGETS
 PREDICTION_KINDS: tuple[tuple[type, str], ...] = (
     (comfy.model_sampling.EDM, "EDM"), (comfy.model_sampling.X0, "X0"),
     (comfy.model_sampling.V_PREDICTION, "V_PREDICTION"), (comfy.model_sampling.EPS, "EPS"),
+    (comfy.model_sampling.CONST, "CONST"),
 )
+# Schedules with a table of sigmas a uniform index draws from as the host samples them: SDXL's discrete schedule;
+# FLUX.1's shifted flow-matching schedule (its table is sigma((1..10000) / 10000), so a uniform index is the
+# host's own trainer's ``percent_to_sigma(uniform)`` on a 1e-4 grid); SD3-style discrete flow.
+TABLE_SCHEDULES: tuple[type, ...] = tuple(
+    cls for cls in (getattr(comfy.model_sampling, n, None) for n in
+                    ("ModelSamplingDiscrete", "ModelSamplingFlux", "ModelSamplingDiscreteFlow")) if cls is not None)
 
 
 @dataclass
 class Sample:
     """One training image: x0 (1, C, h, w) in the model's latent space (flipped: mirrored copy or None),
-    context (1, T, D) and y (1, adm) as the UNet takes them. Ordinary tensors on the load device."""
+    context (1, T, D) and y (1, adm) as the model takes them; guidance (1,): FLUX dev's guidance condition, None
+    for models that take none (SDXL). Ordinary tensors on the load device."""
 
     x0: torch.Tensor
     x0_flipped: torch.Tensor | None
     context: torch.Tensor
     y: torch.Tensor
+    guidance: torch.Tensor | None = None
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -39,7 +50,8 @@ class Sample:
 @dataclass(frozen=True)
 class NoiseSchedule:
     """The model's own noise schedule (its ``model_sampling``, object patches included), what it predicts
-    (EPS, V_PREDICTION), and its sigma per integer timestep (num_timesteps,) float32 on the CPU."""
+    (EPS, V_PREDICTION, CONST: flow matching), and its sigma per integer timestep (num_timesteps,) float32 on the
+    CPU."""
 
     model_sampling: torch.nn.Module
     prediction: str
@@ -54,17 +66,17 @@ def prediction_kind(model_sampling) -> str:
 
 
 def noise_schedule(model) -> NoiseSchedule:
-    """The schedule training draws from. Refuses prediction types other than PREDICTION_TARGETS and continuous
-    schedules (ArchitectureError)."""
+    """The schedule training draws from. Refuses prediction types other than PREDICTION_TARGETS and schedules
+    without a sigma table (continuous EDM ...; ArchitectureError)."""
     ms = model.get_model_object("model_sampling")
     prediction = prediction_kind(ms)
     if prediction not in PREDICTION_TARGETS:
         raise ArchitectureError(f"cannot train a {prediction}-prediction model: B-LoRA training supports "
                                 f"{', '.join(PREDICTION_TARGETS)}")
     sigmas = getattr(ms, "sigmas", None)
-    if not isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete) or sigmas is None:
-        raise ArchitectureError(f"cannot train on a {type(ms).__name__} schedule: B-LoRA training draws integer "
-                                f"timesteps from a discrete (SDXL-style) schedule")
+    if not isinstance(ms, TABLE_SCHEDULES) or sigmas is None:
+        raise ArchitectureError(f"cannot train on a {type(ms).__name__} schedule: B-LoRA training draws from a "
+                                f"table of sigmas (SDXL's discrete schedule, FLUX.1's flow-matching one)")
     return NoiseSchedule(ms, prediction, sigmas.detach().float().cpu().clone())
 
 
@@ -86,24 +98,36 @@ def _conditioning_rows(positive, count: int) -> list[tuple[torch.Tensor, dict]]:
     for i, (context, extras, row) in enumerate(entries):
         pooled = extras.get("pooled_output")
         if pooled is None:
-            raise ArchitectureError(f"positive (image {i}): no pooled_output; SDXL training needs conditioning "
-                                    f"from an SDXL text encoder (CLIPTextEncode with an SDXL CLIP)")
+            raise ArchitectureError(f"positive (image {i}): no pooled_output; training needs conditioning from "
+                                    f"the model's own text encoder (CLIPTextEncode with an SDXL CLIP, or FLUX's "
+                                    f"CLIP-L + T5)")
         row_extras = dict(extras, pooled_output=pooled[min(row, pooled.shape[0] - 1):][:1])
         rows.append((context[row:row + 1], row_extras))
     return rows
 
 
 def _model_conds(base_model, context, extras, original, target, device, latent,
-                 crop_top_left=(0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
-    """context and y through the model's own extra_conds (SDXL: pooled + original/crop/target size)."""
+                 crop_top_left=(0, 0)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """context, y and guidance (None when the model takes none) through the model's own extra_conds (SDXL: pooled +
+    original/crop/target size; FLUX.1: pooled CLIP-L, and the conditioning's guidance, the host's 3.5 when it has
+    none, as FluxGuidance sets it)."""
     (oh, ow), (th, tw), (top, left) = original, target, crop_top_left
     params = dict(extras, cross_attn=context, device=device, noise=latent, width=ow, height=oh, crop_w=left,
                   crop_h=top, target_width=tw, target_height=th)
     out = base_model.extra_conds(**params)
     if "y" not in out:
-        raise ArchitectureError(f"{type(base_model).__name__} takes no vector conditioning: not an SDXL model")
+        raise ArchitectureError(f"{type(base_model).__name__} takes no vector conditioning: not an SDXL or FLUX.1 "
+                                f"model")
     cross = out.get("c_crossattn", comfy.conds.CONDCrossAttn(context))
-    return cross.cond, out["y"].cond
+    guidance = out.get("guidance") if takes_guidance(base_model) else None
+    return cross.cond, out["y"].cond, None if guidance is None else guidance.cond.reshape(-1)[:1]
+
+
+def takes_guidance(base_model) -> bool:
+    """Whether the diffusion model embeds a guidance value (FLUX.1 dev: ``guidance_in``); schnell has none, and the
+    host passes it one that it ignores."""
+    params = getattr(base_model.diffusion_model, "params", None)
+    return bool(getattr(params, "guidance_embed", False))
 
 
 def _encode(vae, image: torch.Tensor) -> torch.Tensor:
@@ -127,10 +151,10 @@ def prepare_samples(model, vae, images, positive, resolution: int, flip: bool, *
         latent = _encode(vae, image)
         flipped = _encode(vae, torch.flip(image, dims=[1])) if flip else None
         target = (int(image.shape[0]), int(image.shape[1]))
-        ctx, y = _model_conds(base, context, extras, view.original_size, target, device, latent, view.crop_top_left)
+        conds = _model_conds(base, context, extras, view.original_size, target, device, latent, view.crop_top_left)
         x0 = base.process_latent_in(latent)
         x0_flipped = None if flipped is None else base.process_latent_in(flipped)
-        samples.append(Sample(*(_owned(t, device) for t in (x0, x0_flipped, ctx, y))))
+        samples.append(Sample(*(_owned(t, device) for t in (x0, x0_flipped, *conds))))
     return samples
 
 
@@ -150,10 +174,11 @@ def buckets(samples: list[Sample], batch_size: int) -> list[list[int]]:
 
 
 def batch_of(samples: list[Sample], indices: list[int], flips: list[bool]) -> tuple[torch.Tensor, ...]:
-    """x0 (B, C, h, w), context (B, T, D), y (B, adm) for the chosen images (context lengths padded by repeat, as
-    the host batches conditionings)."""
+    """x0 (B, C, h, w), context (B, T, D), y (B, adm), guidance (B,) or None for the chosen images (context lengths
+    padded by repeat, as the host batches conditionings)."""
     x0 = torch.cat([samples[i].x0_flipped if f else samples[i].x0 for i, f in zip(indices, flips)])
     crossed = [comfy.conds.CONDCrossAttn(samples[i].context) for i in indices]
     context = crossed[0].concat(crossed[1:]) if len(crossed) > 1 else crossed[0].cond
     y = torch.cat([samples[i].y for i in indices])
-    return x0, context, y
+    guidance = None if samples[indices[0]].guidance is None else torch.cat([samples[i].guidance for i in indices])
+    return x0, context, y, guidance

@@ -85,13 +85,14 @@ class TrainState:
 
 def draw_batch(config: TrainConfig, schedule: NoiseSchedule, samples: list[Sample], device: torch.device, seed: int,
                draw: int) -> tuple[torch.Tensor, ...]:
-    """(x0, context, y, noise, sigma) of one micro-batch; every random draw comes from (seed, draw)."""
+    """(x0, context, y, guidance, noise, sigma) of one micro-batch (guidance: None for models without one); every
+    random draw comes from (seed, draw)."""
     g = step_generator(seed, draw)
     indices = sample_bucketed_batch(buckets(samples, config.batch_size), config.batch_size, g)
     flips = sample_flips(config.batch_size, config.flip, g)
     timesteps = sample_timesteps(config.batch_size, len(schedule.sigmas), g)
-    x0, context, y = batch_of(samples, indices, flips)
-    return x0, context, y, to_device(sample_noise(x0.shape, g), device), to_device(schedule.sigmas[timesteps], device)
+    x0, context, y, guidance = batch_of(samples, indices, flips)
+    return x0, context, y, guidance, to_device(sample_noise(x0.shape, g), device), to_device(schedule.sigmas[timesteps], device)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -108,18 +109,23 @@ def _autocast(state: TrainState):
     return torch.autocast(state.device.type, dtype=state.config.dtype, enabled=enabled)
 
 
+def _joined(parts: tuple) -> torch.Tensor | None:
+    return parts[0] if len(parts) == 1 or parts[0] is None else torch.cat(parts)
+
+
 def micro_losses(state: TrainState, draw: int) -> torch.Tensor:
     """Each seed's loss on one micro-batch, (N,); every random draw comes from (draw seed, draw). Shared draws:
     the batch holds B rows (widened to N·B at the first trained layer); own draws: N·B rows, seed-major."""
     c, ms, n = state.config, state.schedule.model_sampling, state.config.seeds
     draw_seeds = [c.seed] if c.seed_draws == "shared" else state.seeds
     parts = [draw_batch(c, state.schedule, state.samples[s], state.device, s, draw) for s in draw_seeds]
-    x0, context, y, noise, sigma = (torch.cat(t) if len(t) > 1 else t[0] for t in zip(*parts))
+    x0, context, y, guidance, noise, sigma = (_joined(t) for t in zip(*parts))
     xc = ms.calculate_input(sigma, ms.noise_scaling(sigma, noise, x0))
     t = ms.timestep(sigma).float()
+    extra = {} if guidance is None else {"guidance": guidance.to(state.device, torch.float32)}
     with _autocast(state):
         out = state.unet(xc.to(state.dtype), t, context=context.to(state.dtype), y=y.to(state.dtype), control=None,
-                         transformer_options=dict(state.transformer_options))
+                         transformer_options=dict(state.transformer_options), **extra)
     target = training_target(state.schedule.prediction, x0, noise, sigma)
     if n > 1 and c.seed_draws == "shared":
         x0, noise, sigma, target = (repeat(v, "b ... -> (n b) ...", n=n) for v in (x0, noise, sigma, target))

@@ -39,6 +39,10 @@ def pack_version() -> str:
     return found.group(1) if found else "unknown"
 
 
+# kohya's ss_base_model_version per architecture (sd-scripts writes "flux1" for FLUX.1)
+BASE_MODEL_VERSIONS = {"sdxl": "sdxl_base_v1-0", "flux": "flux1"}
+
+
 def base_model_fingerprint(model) -> tuple[str, str]:
     """(name, hash): the model config's class name and a sha256 prefix over a few UNet weights (float32 bytes)."""
     base = model.model
@@ -53,7 +57,7 @@ def base_model_fingerprint(model) -> tuple[str, str]:
 
 
 def train_metadata(config: TrainConfig, steps_total: int, base: tuple[str, str], prediction: str,
-                   losses: Sequence[float] = ()) -> dict[str, str]:
+                   losses: Sequence[float] = (), architecture: str = "sdxl") -> dict[str, str]:
     """The training record written beside the tensors (``blora.*``, plus the kohya ``ss_*`` keys other tools
     show), with the loss of every step so far (``blora.loss``, earlier runs' steps first). Roles, blocks, rank and
     stored alpha are added by ``write_adapter``."""
@@ -65,7 +69,7 @@ def train_metadata(config: TrainConfig, steps_total: int, base: tuple[str, str],
         "blora.base_model": base[0], "blora.base_model_hash": base[1], "blora.prediction": prediction,
         "blora.version": pack_version(),
         **kohya_metadata(config), "ss_network_dim": str(config.rank),
-        "ss_network_alpha": repr(config.stored_alpha), "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_network_alpha": repr(config.stored_alpha), "ss_base_model_version": BASE_MODEL_VERSIONS.get(architecture, architecture),
         "ss_steps": str(steps_total), "ss_learning_rate": repr(config.learning_rate), "ss_seed": str(config.seed),
         "ss_resolution": str(config.resolution),
     }

@@ -60,7 +60,12 @@ def frozen_aliases(module: torch.nn.Module) -> Iterator[None]:
 
 
 def unet_layers(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The UNet's layers in execution order: each child of the input, middle and output blocks, then ``out``."""
+    """The denoiser's layers in execution order: SDXL's UNet: each child of the input, middle and output blocks,
+    then ``out``; FLUX.1: its double blocks, single blocks, then ``final_layer``."""
+    if hasattr(unet, "single_blocks"):
+        return ([(f"double_blocks.{i}", b) for i, b in enumerate(unet.double_blocks)]
+                + [(f"single_blocks.{i}", b) for i, b in enumerate(unet.single_blocks)]
+                + [("final_layer", unet.final_layer)])
     layers = []
     for group in ("input_blocks", "middle_block", "output_blocks"):
         blocks = getattr(unet, group, None)
@@ -90,6 +95,20 @@ def _checkpointing_forward(forward):
     return run
 
 
+def _owned_inputs(forward):
+    """FLUX.1's blocks add into their input in place (``x += ...``), which autograd refuses when backward needs
+    that input (its norm's, or a checkpoint's recomputation): the block works on a copy."""
+    def run(*args, **kwargs):
+        copy = [a.clone() if isinstance(a, torch.Tensor) and torch.is_grad_enabled() else a for a in args]
+        return forward(*copy, **{k: v.clone() if k in ("img", "txt") and isinstance(v, torch.Tensor)
+                                 and torch.is_grad_enabled() else v for k, v in kwargs.items()})
+    return run
+
+
+IN_PLACE_BLOCKS = re.compile(r"^(double|single)_blocks\.\d+$")
+IN_PLACE_NORMS = ("pre_norm", "img_norm1", "img_norm2", "txt_norm1", "txt_norm2")
+
+
 @contextlib.contextmanager
 def _forwards_replaced(modules, make) -> Iterator[None]:
     """Each module's forward replaced by ``make(forward)``; the originals restored on exit."""
@@ -111,6 +130,23 @@ def _forwards_replaced(modules, make) -> Iterator[None]:
 def checkpointed(layers: list[tuple[str, torch.nn.Module]], enabled: bool = True) -> Iterator[None]:
     """Run each layer's forward under non-reentrant gradient checkpointing; restore the forwards on exit."""
     with _forwards_replaced([layer for _, layer in layers] if enabled else [], _checkpointing_forward):
+        yield
+
+
+def _copied_input(forward):
+    def run(x, *args, **kwargs):
+        return forward(x.clone() if isinstance(x, torch.Tensor) and torch.is_grad_enabled() else x, *args, **kwargs)
+    return run
+
+
+@contextlib.contextmanager
+def owned_inputs(region: list[tuple[str, torch.nn.Module]]) -> Iterator[None]:
+    """FLUX.1's blocks of the backward region work on a copy of their inputs (``_owned_inputs``: a checkpoint
+    recomputes from the input it was given; inside the checkpointing, which wraps them after), and their norms on a
+    copy of theirs (the norm saves its input, which the block then adds into in place); nothing for SDXL."""
+    blocks = [m for n, m in region if IN_PLACE_BLOCKS.match(n)]
+    norms = [m for block in blocks for n, m in block.named_children() if n in IN_PLACE_NORMS]
+    with _forwards_replaced(blocks, _owned_inputs), _forwards_replaced(norms, _copied_input):
         yield
 
 
@@ -206,6 +242,7 @@ def training_session(unet: torch.nn.Module, adapters: Mapping[str, torch.nn.Modu
     units = checkpoint_units(unet, targets, config.gradient_checkpointing)
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen_aliases(unet))
+        stack.enter_context(owned_inputs(region))
         stack.enter_context(checkpointed(units))
         if config.offload:
             weight_functions = [unet.get_submodule(p) for p, a in adapters.items()

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from .. import arch as architectures
 from ..arch.sdxl import ROLES, block_of, resolve_block
 from ..errors import BLoRAError
 from ..adapters.kinds.lora import INITIALISATIONS
@@ -43,6 +44,12 @@ CHECKPOINTING = ("off", "trained blocks", "all above")
 # The original trainer's targets inside an attention block: q, k, v, out of both attentions, nothing else.
 ATTENTION_TARGET = re.compile(r"\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 EXAMPLE_PATH = "output_blocks.1.1.transformer_blocks.0.attn2.to_k"
+# FLUX.1: every Linear of a trained block but its modulation (sd-scripts' FLUX LoRA leaves img_mod / txt_mod /
+# modulation out by default too): single blocks linear1 (fused q, k, v, mlp-in) and linear2 (attention out +
+# mlp-out); double blocks, when a filter names them, the attention and MLP Linears of both streams.
+FLUX_TARGET = re.compile(r"^(single_blocks\.\d+\.(linear1|linear2)"
+                         r"|double_blocks\.\d+\.(img|txt)_(attn\.qkv|attn\.proj|mlp\.0|mlp\.2))$")
+FLUX_EXAMPLE_PATH = "single_blocks.12.linear1"
 
 
 def _choice(name: str, value, choices) -> str | None:
@@ -202,24 +209,40 @@ class TrainConfig:
         return {f"blora.train.{f.name}": str(getattr(self, f.name)) for f in fields(self)}
 
 
-def select_targets(module_paths: Iterable[str], config: TrainConfig) -> list[str]:
-    """The canonical module paths that get an adapter, sorted. module_paths: the model's Linear layers.
+def _preset(config: TrainConfig, architecture: str) -> tuple[set, Callable[[str], object], re.Pattern, str]:
+    """(blocks, block_of, target pattern, example path) of the preset in ``architecture`` (``blora.arch``)."""
+    if architecture == "sdxl":
+        return {resolve_block(ROLES[role]) for role in config.roles}, block_of, ATTENTION_TARGET, EXAMPLE_PATH
+    arch = architectures.get(architecture)
+    missing = [r for r in config.roles if r not in arch.roles]
+    if missing:
+        raise BLoRAError(f"blocks {config.blocks!r}: {arch.title} has no {' or '.join(missing)} role (its roles: "
+                         f"{', '.join(arch.roles)}; {arch.citation}); choose another preset, or 'custom' with a "
+                         f"layer_filter")
+    blocks = {b for role in config.roles for b in arch.resolve(role)}
+    return blocks, arch.block_of, FLUX_TARGET, FLUX_EXAMPLE_PATH
 
-    Presets: q/k/v/out of attn1 and attn2 in every transformer block of the preset's blocks, narrowed by
+
+def select_targets(module_paths: Iterable[str], config: TrainConfig, architecture: str = "sdxl") -> list[str]:
+    """The canonical module paths that get an adapter, sorted. module_paths: the model's Linear layers;
+    architecture: a ``blora.arch`` name (``sdxl``, ``flux``).
+
+    Presets: SDXL: q/k/v/out of attn1 and attn2 in every transformer block of the preset's blocks; FLUX.1: linear1
+    and linear2 of the preset's single blocks (``blora.arch.flux``: SplitFlux's content / style ranges). Narrowed by
     layer_filter when given. ``custom``: every path layer_filter matches. Raises BLoRAError naming the filter
     when nothing is selected."""
     pattern = re.compile(config.layer_filter) if config.layer_filter else None
-    blocks = {resolve_block(ROLES[role]) for role in config.roles}
+    blocks, block_in, target, example = _preset(config, architecture)
     chosen = []
     for path in module_paths:
         if pattern is not None and not pattern.search(path):
             continue
-        if config.blocks == "custom" or (block_of(path) in blocks and ATTENTION_TARGET.search(path)):
+        if config.blocks == "custom" or (block_in(path) in blocks and target.search(path)):
             chosen.append(path)
     if not chosen:
         what = f"layer_filter {config.layer_filter!r}" + ("" if config.blocks == "custom" else
                                                            f" within blocks {config.blocks!r}")
-        raise BLoRAError(f"{what} matches no Linear layer of this model (module paths look like {EXAMPLE_PATH!r})")
+        raise BLoRAError(f"{what} matches no Linear layer of this model (module paths look like {example!r})")
     return sorted(chosen)
 
 
@@ -257,6 +280,12 @@ def _eps_target(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> t
     return noise
 
 
+def _flow_target(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    # flow matching (the host's CONST: x = sigma * noise + (1 - sigma) * x0, denoised = x - sigma * out): the
+    # velocity noise - x0, the output whose denoised estimate is x0
+    return noise - x0
+
+
 def _v_target(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     # x = x0 + sigma * noise; v = alpha_t * noise - sigma_t * x0 with alpha_t = 1/sqrt(1+s^2), sigma_t = s/sqrt(1+s^2)
     s = sigma.reshape(-1, *[1] * (x0.ndim - 1))
@@ -266,11 +295,13 @@ def _v_target(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tor
 PREDICTION_TARGETS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "EPS": _eps_target,
     "V_PREDICTION": _v_target,
+    "CONST": _flow_target,
 }
 
 
 def training_target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """What the model should output for x = x0 + sigma * noise: the noise (EPS) or v (V_PREDICTION).
+    """What the model should output for its noisy input: the noise (EPS) or v (V_PREDICTION) for x = x0 + sigma *
+    noise; the velocity noise - x0 (CONST: flow matching, FLUX.1) for x = sigma * noise + (1 - sigma) * x0.
 
     x0, noise: (B, C, H, W); sigma: (B,). Raises BLoRAError for other prediction types."""
     if prediction not in PREDICTION_TARGETS:

@@ -14,19 +14,21 @@ LATENT_CONV = "taesd_encoder.14.weight"  # the encoder's last conv (64 -> latent
 LATENT_GAIN = 0.15
 
 
-def tiny_vae_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A TAESD state dict (``taesd_encoder.*``, ``taesd_decoder.*``, ``vae_scale`` 1, ``vae_shift`` 0)."""
+def tiny_vae_state_dict(seed: int = 0, latent_channels: int = 4) -> dict[str, torch.Tensor]:
+    """A TAESD state dict (``taesd_encoder.*``, ``taesd_decoder.*``, ``vae_scale`` 1, ``vae_shift`` 0); 16 latent
+    channels for FLUX.1 latents (the host reads the channels from ``taesd_decoder.1.weight``)."""
     import comfy.taesd.taesd
 
-    module = comfy.taesd.taesd.TAESD(latent_channels=4)
+    module = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
     init_module_(module, seed, gain=2.0 ** 0.5)
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     state[LATENT_CONV] *= LATENT_GAIN
     return state
 
 
-def tiny_vae(seed: int = 0):
-    """A ``comfy.sd.VAE`` (TAESD architecture, fp32, CPU) ready for ``encode`` / ``decode``."""
+def tiny_vae(seed: int = 0, latent_channels: int = 4):
+    """A ``comfy.sd.VAE`` (TAESD architecture, fp32, CPU) ready for ``encode`` / ``decode``; latent_channels 4
+    (SDXL) or 16 (FLUX.1)."""
     import comfy.sd
 
-    return comfy.sd.VAE(sd=tiny_vae_state_dict(seed), dtype=torch.float32)
+    return comfy.sd.VAE(sd=tiny_vae_state_dict(seed, latent_channels), dtype=torch.float32)
