@@ -321,3 +321,40 @@ def test_mixed_sizes_are_resized_each_and_sizes_reported():
 def test_bad_images_are_refused_clearly(images, message):
     with pytest.raises(BLoRAError, match=message):
         training_views(images, resolution=64)
+
+
+# ---------------------------------------------------------------- FLUX.1
+def flux_like_paths(single=38, double=19):
+    double_layers = ("img_mod.lin", "img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2", "txt_mod.lin",
+                     "txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2")
+    return ([f"double_blocks.{n}.{x}" for n in range(double) for x in double_layers]
+            + [f"single_blocks.{n}.{x}" for n in range(single) for x in ("linear1", "linear2", "modulation.lin")]
+            + ["img_in", "txt_in", "final_layer.linear"])
+
+
+def test_flux_presets_train_linear1_linear2_of_splitflux_single_blocks():
+    paths = flux_like_paths()
+    content = select_targets(paths, TrainConfig(blocks="content"), "flux")
+    style = select_targets(paths, TrainConfig(blocks="style"), "flux")
+    assert content == sorted(f"single_blocks.{n}.{x}" for n in range(10) for x in ("linear1", "linear2"))
+    assert style == sorted(f"single_blocks.{n}.{x}" for n in range(10, 38) for x in ("linear1", "linear2"))
+    assert select_targets(paths, TrainConfig(), "flux") == sorted(content + style)
+    assert select_targets(paths, TrainConfig(layer_filter=r"linear2$"), "flux") == sorted(
+        p for p in content + style if p.endswith("linear2"))
+    named = select_targets(paths, TrainConfig(blocks="custom", layer_filter=r"^double_blocks\.3\.(img|txt)_(attn|mlp)"),
+                           "flux")
+    assert len(named) == 8 and all(p.startswith("double_blocks.3.") and "mod" not in p for p in named)
+    with pytest.raises(BLoRAError, match="FLUX.1 has no layout role"):
+        select_targets(paths, TrainConfig(blocks="content+style+layout"), "flux")
+    with pytest.raises(BLoRAError, match="single_blocks.12.linear1"):
+        select_targets(paths, TrainConfig(layer_filter="to_zzz"), "flux")
+
+
+def test_flow_target_is_the_velocity_that_consts_denoised_turns_into_x0():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 16, 4, 4, generator=g), torch.randn(3, 16, 4, 4, generator=g)
+    sigma = torch.tensor([0.05, 0.5, 1.0])
+    v = training_target("CONST", x0, noise, sigma)
+    s = sigma.view(-1, 1, 1, 1)
+    x = s * noise + (1 - s) * x0  # ComfyUI's CONST.noise_scaling
+    assert torch.allclose(v, noise - x0) and torch.allclose(x - v * s, x0, atol=1e-6)  # CONST.calculate_denoised

@@ -143,6 +143,16 @@ def test_checkpointing_modes_give_the_same_losses_and_resume_adds_steps(node, fl
               for mode in ("off", "trained blocks", "all above")}
     assert losses["trained blocks"] == pytest.approx(losses["off"], rel=1e-5)
     assert losses["all above"] == pytest.approx(losses["off"], rel=1e-5)
+    from blora.host.train import train_blora
+    from blora.train.recipe import TrainConfig
+
+    settings = {k: v for k, v in FAST.items() if k != "filename_prefix"}
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():  # as the executor runs a node
+        offloaded = train_blora(flux_model, flux_vae, image, tiny_flux_conditioning(0),
+                                TrainConfig(**dict(settings, gradient_checkpointing="off", offload=True)),
+                                filename_prefix="o/blora")
+    assert offloaded.losses == pytest.approx(losses["off"], rel=1e-5)
     _, first, _ = train(node, flux_model, flux_vae, steps=4, save_every=2, filename_prefix="r/blora")
     checkpoint = read_adapter(host_dirs / "output" / "loras" / "r/blora_00001_step000002_.safetensors")
     assert checkpoint.metadata["blora.steps"] == "2"
@@ -169,3 +179,17 @@ def test_presets_and_filters_select_by_flux_architecture(node, flux_model, flux_
                                    for x in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")}
     with pytest.raises(BLoRAError, match="FLUX.1 has no layout role"):
         train(node, flux_model, flux_vae, blocks="content+style+layout", steps=1)
+
+
+@pytest.mark.parametrize("draws", ["shared", "own"])
+def test_seeds_train_side_by_side_on_flux_and_each_equals_its_single_run(node, flux_model, flux_vae, host_dirs,
+                                                                          draws):
+    settings = dict(steps=2, optimizer="SGD", learning_rate=1e-1, weight_decay=0.0, gradient_checkpointing="off")
+    train(node, flux_model, flux_vae, seeds=2, seed=0, seed_draws=draws, filename_prefix="s/blora", **settings)
+    seed0 = read_adapter(host_dirs / "output" / "loras" / "s/blora_seed0_00001_.safetensors")
+    _, alone, _ = train(node, flux_model, flux_vae, seed=0, filename_prefix="alone/s0", **settings)
+    assert set(seed0.modules) == set(alone.modules) == SINGLE_TARGETS
+    for path, module in alone.modules.items():
+        for name, ref in module.tensors.items():  # fp16 files: within the file's rounding
+            got = seed0.modules[path].tensors[name].float()
+            assert (got - ref.float()).abs().max() <= 2e-3 * ref.float().abs().max(), f"{path}.{name}"
