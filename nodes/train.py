@@ -22,8 +22,9 @@ NO_RESUME = "none"
 def _inputs() -> list:
     d = TrainConfig()
     return [
-        io.Model.Input("model", tooltip="SDXL or FLUX.1 (dev or schnell) model to train on; it is never modified (the output is a "
-                               "clone). Other architectures are refused with an error naming the model."),
+        io.Model.Input("model", tooltip="SDXL or FLUX.1 (dev or schnell) model to train on; it is never modified (the "
+                                        "output is a clone). Other architectures are refused with an error naming the "
+                                        "model."),
         io.Vae.Input("vae", tooltip="VAE that encodes the training images (once, before the first step)."),
         io.Image.Input("images", optional=True,
                        tooltip="Training image(s). One image is the B-LoRA default; several are allowed. Not needed "

@@ -92,7 +92,8 @@ def draw_batch(config: TrainConfig, schedule: NoiseSchedule, samples: list[Sampl
     flips = sample_flips(config.batch_size, config.flip, g)
     timesteps = sample_timesteps(config.batch_size, len(schedule.sigmas), g)
     x0, context, y, guidance = batch_of(samples, indices, flips)
-    return x0, context, y, guidance, to_device(sample_noise(x0.shape, g), device), to_device(schedule.sigmas[timesteps], device)
+    noise, sigma = sample_noise(x0.shape, g), schedule.sigmas[timesteps]
+    return x0, context, y, guidance, to_device(noise, device), to_device(sigma, device)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

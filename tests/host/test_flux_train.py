@@ -79,10 +79,14 @@ def test_each_algorithm_trains_splitflux_single_blocks_and_stock_lora_loader_ren
     assert saved.metadata["ss_base_model_version"] == "flux1" and saved.metadata["blora.prediction"] == "CONST"
 
 
-@pytest.mark.parametrize("variant, rate", [("LoRA", 3e-2), ("DoRA", 3e-2)])
+@pytest.mark.parametrize("variant, rate", [("LoRA", 3e-2), ("DoRA", 3e-2), ("LoKr", 1e-1), ("LoHa", 3e-2),
+                                           ("AdaLoRA", 1e-1)])
 def test_loss_falls_against_a_near_zero_learning_rate_with_the_same_draws(node, flux_model, flux_vae, host_dirs,
                                                                           variant, rate):
     settings = dict(ALGORITHMS[variant], steps=24, rank=8, alpha=8.0, gradient_checkpointing="off")
+    if variant == "AdaLoRA":  # as on SDXL: the orthogonality term off at this rate
+        settings.update(adalora_target_rank=4, adalora_interval=4, adalora_warmup=0.2, adalora_final=0.2,
+                        adalora_orth_reg=0.0)
     _, _, trained = train(node, flux_model, flux_vae, learning_rate=rate, **settings)
     _, _, still = train(node, flux_model, flux_vae, learning_rate=1e-7, **settings)
     gain = [b - a for a, b in zip(trained["loss"], still["loss"])]
