@@ -34,6 +34,7 @@ class SeedsLoRA(torch.nn.Module):
         self.down = torch.nn.Parameter(torch.stack([s.down.detach() for s in singles]).clone())
         self.up = torch.nn.Parameter(torch.stack([s.up.detach() for s in singles]).clone())
         self.scale = float(singles[0].scale)
+        self.multiplier = 1.0  # scales every seed's delta (0: off); previews switch layers with it
 
     @property
     def seeds(self) -> int:
@@ -47,7 +48,14 @@ class SeedsLoRA(torch.nn.Module):
         rows = rearrange(x, "(n b) ... i -> n b ... i", n=n)
         hidden = einsum(rows, self.down.to(x.dtype), "n b ... i, n r i -> n b ... r")
         out = einsum(hidden, self.up.to(x.dtype), "n b ... r, n o r -> n b ... o") * self.scale
+        if self.multiplier != 1.0:
+            out = out * self.multiplier
         return rearrange(out, "n b ... o -> (n b) ... o")
+
+    def seed_delta(self, n: int, x: torch.Tensor) -> torch.Tensor:
+        """Seed n's output delta for every row of x (..., in) -> (..., out), times ``multiplier``, in x's dtype."""
+        hidden = einsum(x, self.down[n].to(x.dtype), "... i, r i -> ... r")
+        return einsum(hidden, self.up[n].to(x.dtype), "... r, o r -> ... o") * (self.scale * self.multiplier)
 
     def single(self, n: int) -> TrainableLoRA:
         """Seed n as a single-seed adapter (detached copies), e.g. to export or save it."""

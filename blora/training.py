@@ -33,6 +33,8 @@ OPTIMIZERS = ("AdamW", "SGD")
 TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SEED_DRAWS = ("shared", "own")  # seeds > 1: every seed uses the draws of `seed`, or seed + n its own
+# Which layers recompute their activations in backward: none, the trained region, or also the layers below it.
+CHECKPOINTING = ("off", "trained blocks", "all above")
 
 # The original trainer's targets inside an attention block: q, k, v, out of both attentions, nothing else.
 ATTENTION_TARGET = re.compile(r"\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
@@ -67,7 +69,9 @@ class TrainConfig:
     selects the modules, otherwise it narrows the preset. rank/alpha: LoRA scale alpha/rank (alpha/sqrt(rank) with
     rslora). loraplus_ratio: learning-rate multiplier of the up matrices (LoRA+). steps: optimizer steps, each of
     grad_accumulation micro-batches of batch_size images. resolution: short side in pixels (aspect kept).
-    save_every: checkpoint period in steps (0: only at the end). seeds: B-LoRAs trained at once, initialised from
+    gradient_checkpointing: CHECKPOINTING (a bool is read as True: "trained blocks", False: "off"); offload: keep
+    what training does not need at the moment off the GPU. save_every: checkpoint period in steps (0: only at the
+    end). seeds: B-LoRAs trained at once, initialised from
     seed, seed + 1, … (``blora.host.train_seeds``); seed_draws: their timesteps and noise: ``shared`` (those of seed)
     or ``own`` (seed + n).
     LyCORIS (LoKr, LoHa): dora_wd adds DoRA's magnitude (input axis); lokr_factor splits dimensions for the
@@ -98,7 +102,8 @@ class TrainConfig:
     seed: int = 0
     init: str = "gaussian"
     training_dtype: str = "bf16"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: str = "trained blocks"
+    offload: bool = False
     save_every: int = 0
     save_precision: str = "fp16"
     betas: tuple[float, float] = (0.9, 0.999)
@@ -117,6 +122,8 @@ class TrainConfig:
     adalora_orth_reg: float = 0.5
 
     def __post_init__(self) -> None:
+        if isinstance(self.gradient_checkpointing, bool):  # the old boolean: True was the trained region
+            object.__setattr__(self, "gradient_checkpointing", "trained blocks" if self.gradient_checkpointing else "off")
         problems = [
             _choice("blocks", self.blocks, BLOCK_PRESETS), _regex("layer_filter", self.layer_filter),
             _at_least("rank", self.rank, 1), _positive("alpha", self.alpha),
@@ -130,6 +137,7 @@ class TrainConfig:
             _at_least("save_every", self.save_every, 0),
             _choice("save_precision", self.save_precision, SAVE_PRECISIONS), _at_least("seeds", self.seeds, 1),
             _choice("seed_draws", self.seed_draws, SEED_DRAWS),
+            _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING),
             _positive("eps", self.eps), _at_least("max_grad_norm", self.max_grad_norm, 0.0),
         ]
         if self.blocks == "custom" and not self.layer_filter.strip():

@@ -76,7 +76,7 @@ def block_ranks(targets: list[str], adapter: Adapter) -> dict[str, float]:
 
 
 def _fit(model, adapters, samples, schedule: ModelSchedule, config: TrainConfig, node_id, on_checkpoint,
-         steps_before) -> list[float]:
+         steps_before, on_step=None) -> list[float]:
     clone = trainable_clone(model, adapters, config.dtype)
     comfy.model_management.load_models_gpu([clone], memory_required=LOAD_ALL_MEMORY, force_full_load=True)
     base = clone.model
@@ -87,20 +87,21 @@ def _fit(model, adapters, samples, schedule: ModelSchedule, config: TrainConfig,
                        torch.amp.GradScaler(clone.load_device.type, enabled=config.training_dtype == "fp16"),
                        dict(clone.model_options.get("transformer_options", {})),
                        base.manual_cast_dtype or base.get_dtype(), clone.load_device, steps_before,
-                       latent_format=base.latent_format, allocator=rank_allocator(adapters, config))
+                       latent_format=base.latent_format, allocator=rank_allocator(adapters, config), model=clone)
     try:
-        with frozen_aliases(unet), checkpointed(grad_region(unet, list(adapters)), config.gradient_checkpointing), \
+        with frozen_aliases(unet), checkpointed(grad_region(unet, list(adapters)), config.gradient_checkpointing != "off"), \
                 torch.enable_grad(), training_flag():
-            return run_loop(state, node_id, on_checkpoint)
+            return run_loop(state, node_id, on_checkpoint, on_step)
     finally:
         strip_wrappers(unet, adapters)
 
 
 def train_blora(model, vae, images, positive, config: TrainConfig, filename_prefix: str = "blora",
-                resume: Adapter | None = None, node_id: str | None = None) -> TrainOutcome:
+                resume: Adapter | None = None, node_id: str | None = None, on_step=None) -> TrainOutcome:
     """Train ``config.steps`` steps on ``images`` (IMAGE) with ``positive`` (CONDITIONING), save the file under
     ``<output>/loras/`` and return the patched model, the adapter and the losses. Raises BLoRAError subclasses
-    for bad input (before anything is written) and the host's InterruptProcessingException on cancel."""
+    for bad input (before anything is written) and the host's InterruptProcessingException on cancel.
+    on_step(done, state): called at step 0 and after every step (``train_loop.run_loop``)."""
     require_sdxl(model)
     schedule = model_schedule(model)
     targets = select_targets(linear_paths(model), config)
@@ -125,7 +126,8 @@ def train_blora(model, vae, images, positive, config: TrainConfig, filename_pref
         adapters = _new_adapters(model, targets, config, resume)
         start = time.monotonic()
         losses = _fit(model, adapters, samples, schedule, config, node_id,
-                      lambda step, so_far: save(adapters, target.checkpoint(step), step, so_far), steps_before)
+                      lambda step, so_far: save(adapters, target.checkpoint(step), step, so_far), steps_before,
+                      on_step)
         elapsed = time.monotonic() - start
         adapter = save(adapters, target.final, config.steps, losses)
     log.info("B-LoRA trained: %d steps in %.1fs, final loss %.4g, saved %s", config.steps, elapsed, losses[-1],

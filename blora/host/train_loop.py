@@ -46,6 +46,7 @@ class TrainState:
     latent_format: object | None = None
     denoised: torch.Tensor | None = None  # the last micro-batch's x0 estimate (first item), kept for previews
     allocator: RankAllocator | None = None  # AdaLoRA: regulariser and rank budget
+    model: object | None = None  # the training clone (ModelPatcher) the adapters are on; previews sample with it
 
 
 def draw_batch(config: TrainConfig, schedule: ModelSchedule, samples: list[Sample], device: torch.device, seed: int,
@@ -118,9 +119,11 @@ def preview_decoder(state: TrainState):
 
 
 def run_loop(state: TrainState, node_id: str | None = None,
-             on_checkpoint: Callable[[int, list[float]], None] | None = None) -> list[float]:
+             on_checkpoint: Callable[[int, list[float]], None] | None = None,
+             on_step: Callable[[int, TrainState], None] | None = None) -> list[float]:
     """Train ``config.steps`` steps; returns the loss of each. Raises the host's InterruptProcessingException
-    (checked before every step) when the user cancels; checkpoints already written stay."""
+    (checked before every step) when the user cancels; checkpoints already written stay. ``on_step(done, state)``
+    runs before the first step (done = 0) and after every optimizer step (validation previews)."""
     c = state.config
     bar = comfy.utils.ProgressBar(c.steps, node_id=node_id)
     send = progress_sender(node_id)
@@ -128,6 +131,8 @@ def run_loop(state: TrainState, node_id: str | None = None,
     state.latent_format = state.latent_format if previewer is not None else None
     losses: list[float] = []
     start = last_preview = time.monotonic()
+    if on_step is not None:
+        on_step(0, state)
     for step in range(c.steps):
         comfy.model_management.throw_exception_if_processing_interrupted()
         losses.append(train_step(state, step))
@@ -140,4 +145,6 @@ def run_loop(state: TrainState, node_id: str | None = None,
         done = step + 1
         if on_checkpoint is not None and c.save_every and done % c.save_every == 0 and done < c.steps:
             on_checkpoint(done, losses)
+        if on_step is not None:
+            on_step(done, state)
     return losses

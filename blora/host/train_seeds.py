@@ -62,6 +62,7 @@ class SeedsState:
     latent_format: object | None = None
     denoised: torch.Tensor | None = None  # each seed's first x0 estimate, side by side (1, C, h, N·w)
     losses: list[list[float]] = field(default_factory=list)  # per step: one loss per seed
+    model: object | None = None  # the training clone (ModelPatcher); previews sample with it
 
 
 def check_seeds_config(config: TrainConfig) -> None:
@@ -175,13 +176,15 @@ def _new_adapters(model, targets: list[str], config: TrainConfig) -> dict[str, S
     return {p: SeedsLoRA([single[p] for single in singles]) for p in targets}
 
 
-def _loop(state: SeedsState, node_id, on_checkpoint) -> None:
+def _loop(state: SeedsState, node_id, on_checkpoint, on_step=None) -> None:
     c = state.config
     bar = comfy.utils.ProgressBar(c.steps, node_id=node_id)
     send = progress_sender(node_id)
     previewer = preview_decoder(state)
     state.latent_format = state.latent_format if previewer is not None else None
     start = last_preview = time.monotonic()
+    if on_step is not None:
+        on_step(0, state)
     for step in range(c.steps):
         comfy.model_management.throw_exception_if_processing_interrupted()
         state.losses.append(train_step(state, step))
@@ -196,10 +199,12 @@ def _loop(state: SeedsState, node_id, on_checkpoint) -> None:
         done = step + 1
         if c.save_every and done % c.save_every == 0 and done < c.steps:
             on_checkpoint(done)
+        if on_step is not None:
+            on_step(done, state)
 
 
 def train_blora_seeds(model, vae, images, positive, config: TrainConfig, filename_prefix: str = "blora",
-                      node_id: str | None = None) -> list[TrainOutcome]:
+                      node_id: str | None = None, on_step=None) -> list[TrainOutcome]:
     """Train ``config.seeds`` B-LoRAs at once; one file per seed, ``<prefix>_seed<S>_<NNNNN>_.safetensors``.
     Returns one TrainOutcome per seed (its model is the input model with that seed's B-LoRA)."""
     check_seeds_config(config)
@@ -243,14 +248,14 @@ def train_blora_seeds(model, vae, images, positive, config: TrainConfig, filenam
         state = SeedsState(config, unet, schedule, samples, adapters, make_optimizer(adapters, config),
                            dict(clone.model_options.get("transformer_options", {})),
                            clone.model.manual_cast_dtype or clone.model.get_dtype(), clone.load_device,
-                           latent_format=clone.model.latent_format)
+                           latent_format=clone.model.latent_format, model=clone)
         region = grad_region(unet, targets)
         widen = widened_from(region, config.seeds, config.batch_size) if config.seed_draws == "shared" \
             else contextlib.nullcontext()
         start = time.monotonic()
         with frozen_aliases(unet), routed_rows(unet, adapters), widen, \
-                checkpointed(region, config.gradient_checkpointing), torch.enable_grad(), training_flag():
-            _loop(state, node_id, lambda step: save(adapters, step, False, state.losses))
+                checkpointed(region, config.gradient_checkpointing != "off"), torch.enable_grad(), training_flag():
+            _loop(state, node_id, lambda step: save(adapters, step, False, state.losses), on_step)
         elapsed = time.monotonic() - start
         written = save(adapters, config.steps, True, state.losses)
     per_seed = [[step[n] for step in state.losses] for n in range(config.seeds)]

@@ -3,6 +3,7 @@ own tensors (so a trained module exports as that kind with no conversion).
 
     W' = W + scale · ΔW(tensors)                                    (the kind's delta)
     DoRA: W' = m ⊙ (W + scale · ΔW) / (‖W + scale · ΔW‖_col + eps),  m: (1, in)
+    with ``multiplier`` μ ≠ 1 (default 1): W + μ · (W' - W)           (0: the layer is off)
 
 The DoRA form is the input-axis one stock ComfyUI renders from a ``dora_scale`` of shape (1, in)
 (``comfy.weight_adapter.base.weight_decompose``) and LyCORIS computes with ``wd_on_out=False``: column norms over
@@ -57,6 +58,7 @@ class Trainable(torch.nn.Module):
         self.register_parameter("magnitude", None if magnitude is None else
                                 torch.nn.Parameter(magnitude.detach().float().clone()))
         self.scale = float(scale)
+        self.multiplier = 1.0  # scales the delta W' - W (0: the base weight); previews switch layers with it
 
     @classmethod
     def from_module(cls, module: ModuleAdapter) -> "Trainable":
@@ -96,6 +98,9 @@ class Trainable(torch.nn.Module):
         merged = weight.float() + self.delta().reshape(weight.shape)
         if self.magnitude is not None:
             merged = dora_forward(merged, self.magnitude)
+        if self.multiplier != 1.0:
+            base = weight.float()
+            merged = base + self.multiplier * (merged - base)
         return merged.to(weight.dtype)
 
     def export(self, alpha: float, dtype: torch.dtype = torch.float32) -> ModuleAdapter:
