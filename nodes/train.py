@@ -85,6 +85,14 @@ def _inputs() -> list:
     ]
 
 
+def old_inputs(prompt: dict | None, node_id: str | None) -> dict:
+    """Literal inputs of this node in the queued prompt that its schema no longer has (the host passes only the
+    inputs a node declares, so they are read from the prompt itself)."""
+    node = (prompt or {}).get(str(node_id), {}) if node_id is not None else {}
+    declared = {i.id for i in _inputs()} | {"filename_prefix"}
+    return {k: v for k, v in (node.get("inputs") or {}).items() if k not in declared and not isinstance(v, list)}
+
+
 def legacy_settings(wired: dict[str, dict | None], old: dict) -> dict:
     """Settings from a workflow saved before the split, whose inputs named here arrive on this node: each is used
     when its settings node is not wired; with the node wired, a different value is an error saying what moved."""
@@ -133,7 +141,7 @@ class BLoRATrain(io.ComfyNode):
                      io.Image.Output(display_name="previews",
                                      tooltip="The last validation row of each seed (content only, style only, "
                                              "both), top to bottom; a black 64x64 image without validation.")],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             is_output_node=True)
 
     @classmethod
@@ -141,7 +149,8 @@ class BLoRATrain(io.ComfyNode):
                 validation=None, **inputs) -> io.NodeOutput:
         wired = {key: inputs.pop(key, None) for key in GROUPS}
         main = {name: inputs.pop(name) for name in MAIN_SETTINGS if name in inputs}
-        settings = {**main, **legacy_settings(wired, inputs)}
+        old = {**old_inputs(cls.hidden.prompt, cls.hidden.unique_id), **inputs}
+        settings = {**main, **legacy_settings(wired, old)}
         for group in wired.values():
             settings.update(group or {})
         resume_from = settings.pop("resume_from", NO_RESUME)

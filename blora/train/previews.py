@@ -29,7 +29,7 @@ class ValidationSettings:
     width, height: image size in pixels; trigger: the token the training caption used (the pack's default
     caption is 'A [v]'); prompts: one per view, where [v] and [s] stand for the trigger."""
 
-    every: int = 100
+    every: int = 250
     steps: int = 20
     cfg: float = 5.0
     sampler: str = "euler"
