@@ -38,6 +38,9 @@ UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, 
 # Front ends besides the host's pinned one: `pip install --target <FRONTENDS>/<version> comfyui-frontend-package==
 # <version>` (.ci/run does), served with --front-end-root <that>/comfyui_frontend_package/static.
 FRONTENDS = Path(os.environ.get("BLORA_FRONTENDS", Path.home() / ".cache" / "blora-ci" / "frontends"))
+# The training examples' B-LoRA Validation node made cheap for the tiny checkpoint (64 px, 2 sampler steps).
+PREVIEWS_SMALL = {"BLoRAValidation.width": 64, "BLoRAValidation.height": 64, "BLoRAValidation.steps": 2,
+                  "BLoRAValidation.every": 10}
 NEWEST_FRONTEND = "1.58.1"  # the newest comfyui-frontend-package the registry serves (2026-11)
 
 
