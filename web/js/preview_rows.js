@@ -6,6 +6,14 @@ import { COLORS, element, viewUrl } from "./blora_common.js";
 
 export const PREVIEW_EVENT = "blora.train.preview";
 export const VIEWS = ["content", "style", "both"];
+export const SHOWN_ROWS = 4; // the node grows to show this many rows; more scroll
+const LABEL_WIDTH = 46;
+
+/** Height (canvas units) the rows need on a node ``width`` wide: square views, SHOWN_ROWS rows at most. */
+export function rowsHeight(width, rows) {
+  const view = Math.max(16, (width - LABEL_WIDTH - 24) / VIEWS.length);
+  return rows ? 16 + Math.min(rows, SHOWN_ROWS) * (view + 2) : 0;
+}
 
 /** Rows newest first (a higher step first; seeds in order within a step). */
 export function newestFirst(rows) {
@@ -43,9 +51,9 @@ export class PreviewRows {
 export class PreviewRowsView {
   constructor() {
     this.root = element("div", { display: "none", flexDirection: "column", gap: "2px", flex: "0 1 auto",
-      minHeight: "0", maxHeight: "60%", overflowY: "auto" });
+      minHeight: "0", overflowY: "auto" });
     this.root.className = "blora-preview-rows";
-    this.header = element("div", { display: "grid", gridTemplateColumns: "64px 1fr 1fr 1fr",
+    this.header = element("div", { display: "grid", gridTemplateColumns: `${LABEL_WIDTH}px 1fr 1fr 1fr`,
       font: "10px monospace", color: COLORS.dim, textAlign: "center", flex: "0 0 auto" });
     this.header.append(element("span", {}, ""), ...VIEWS.map((v) => element("span", { color: COLORS[v] ?? COLORS.text }, v)));
     this.list = element("div", { display: "flex", flexDirection: "column", gap: "2px" });
@@ -63,7 +71,7 @@ export class PreviewRowsView {
   }
 
   row(r, showSeed) {
-    const line = element("div", { display: "grid", gridTemplateColumns: "64px 1fr", alignItems: "center" });
+    const line = element("div", { display: "grid", gridTemplateColumns: `${LABEL_WIDTH}px 1fr`, alignItems: "center" });
     line.className = "blora-preview-row";
     line.dataset.step = String(r.step);
     line.dataset.seed = String(r.seed);

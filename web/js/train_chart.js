@@ -9,12 +9,12 @@ import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 import { addPanel, chain, COLORS, element, nodeByExecutionId, redraw, viewUrl } from "./blora_common.js";
 import { drawLossChart, LossChart } from "./loss_chart.js";
-import { PREVIEW_EVENT, PreviewRows, PreviewRowsView } from "./preview_rows.js";
+import { PREVIEW_EVENT, PreviewRows, PreviewRowsView, rowsHeight } from "./preview_rows.js";
 
 const NODE_TYPE = "BLoRATrain";
 const PROGRESS_EVENT = "blora.train.progress";
 const MIN_HEIGHT = 190;
-const HEIGHT_WITH_PREVIEWS = 560; // the node grows to this (canvas units) when the first preview row arrives
+const CHART_AND_LINE = 170; // the chart and the summary line keep this much when preview rows share the panel
 
 /** The DOM panel of one node: chart canvas, summary line, preview image. */
 class ChartView {
@@ -35,7 +35,8 @@ class ChartView {
     this.root.append(this.plot, this.line, this.image, this.rows.root);
     this.resize = new ResizeObserver(() => this.render());
     this.resize.observe(this.plot);
-    addPanel(node, "blora_loss_chart", this.root, MIN_HEIGHT);
+    this.panelHeight = MIN_HEIGHT;
+    addPanel(node, "blora_loss_chart", this.root, () => this.panelHeight);
   }
 
   render() {
@@ -47,10 +48,16 @@ class ChartView {
     this.line.title = this.line.textContent;
     this.showPreview(chart.preview);
     this.rows.render(previews);
-    if (previews.rows.length && this.node.size[1] < HEIGHT_WITH_PREVIEWS) {
-      this.node.setSize([this.node.size[0], HEIGHT_WITH_PREVIEWS]);
-    }
+    this.fitRows(previews.rows.length);
     redraw();
+  }
+
+  /** Grow the node (never shrink it) so the chart and up to SHOWN_ROWS preview rows fit. */
+  fitRows(rows) {
+    this.panelHeight = rows ? CHART_AND_LINE + rowsHeight(this.node.size[0], rows) : MIN_HEIGHT;
+    if (!rows) return;
+    const wanted = this.node.computeSize()[1];
+    if (this.node.size[1] < wanted) this.node.setSize([this.node.size[0], wanted]);
   }
 
   showPreview(preview) {
