@@ -54,7 +54,8 @@ def main() -> int:
     image = torch.rand(1, args.res, args.res, 3, generator=torch.Generator().manual_seed(0))
     cond = tiny_conditioning(0)
     settings = ValidationSettings(every=args.every, steps=args.sample_steps, cfg=5.0, width=args.res, height=args.res)
-    validation = Validation(settings, {v: tiny_conditioning(10 + i) for i, v in enumerate(("content", "style", "both"))},
+    views = ("content", "style", "both")
+    validation = Validation(settings, {v: tiny_conditioning(10 + i) for i, v in enumerate(views)},
                             tiny_conditioning(20))
 
     def config(**kw):

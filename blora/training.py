@@ -123,7 +123,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.gradient_checkpointing, bool):  # the old boolean: True was the trained region
-            object.__setattr__(self, "gradient_checkpointing", "trained blocks" if self.gradient_checkpointing else "off")
+            mode = "trained blocks" if self.gradient_checkpointing else "off"
+            object.__setattr__(self, "gradient_checkpointing", mode)
         problems = [
             _choice("blocks", self.blocks, BLOCK_PRESETS), _regex("layer_filter", self.layer_filter),
             _at_least("rank", self.rank, 1), _positive("alpha", self.alpha),

@@ -89,7 +89,8 @@ def _fit(model, adapters, samples, schedule: ModelSchedule, config: TrainConfig,
                        base.manual_cast_dtype or base.get_dtype(), clone.load_device, steps_before,
                        latent_format=base.latent_format, allocator=rank_allocator(adapters, config), model=clone)
     try:
-        with frozen_aliases(unet), checkpointed(grad_region(unet, list(adapters)), config.gradient_checkpointing != "off"), \
+        checkpointing = config.gradient_checkpointing != "off"  # "all above" checkpoints the trained region here too
+        with frozen_aliases(unet), checkpointed(grad_region(unet, list(adapters)), checkpointing), \
                 torch.enable_grad(), training_flag():
             return run_loop(state, node_id, on_checkpoint, on_step)
     finally:

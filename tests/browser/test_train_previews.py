@@ -1,15 +1,18 @@
 """Validation previews on Train B-LoRA in the newest front end (1.58.1), classic canvas and Nodes 2.0: a training
 run shows the preview rows (content | style | both, newest on top) and the loss chart together on the node, the
 rows are the images the server saved, and a page reload brings both back from /history. The classic run makes
-README's screenshot of a run with its previews (docs/train_previews.png with BLORA_UPDATE_DOCS=1)."""
+README's screenshot of a run with its previews (docs/train_previews.png with BLORA_UPDATE_DOCS=1). A UI workflow
+saved before the settings nodes opens (pinned and newest front end) with its values, the settings it changed moved
+into settings nodes wired into Train B-LoRA (web/js/train_legacy.js)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
-from ui_kit import (DOCS, NEWEST_FRONTEND, TINY_BLORA, example_workflows, fit_view, focus_mode, frontend_root,
-                    graph_clip, load_workflow, new_page, open_ui, prepare_ui_server, read_workflow, screenshot,
-                    set_widgets)
+from ui_kit import (DOCS, NEWEST_FRONTEND, OLD_TRAIN_WIDGETS, TINY_BLORA, example_workflows, fit_view, focus_mode,
+                    frontend_root, graph_clip, load_workflow, new_page, open_ui, prepare_ui_server, read_workflow,
+                    screenshot, set_widgets)
 
 STEPS = 12
 SETTINGS = {"BLoRATrain.steps": STEPS, "BLoRATrain.resolution": 64, "BLoRATrain.rank": 8, "BLoRATrain.alpha": 8.0,
@@ -112,3 +115,56 @@ def test_a_run_shows_preview_rows_with_the_chart_and_a_reload_keeps_them(newest_
     finally:
         context.close()
         server.request("POST", "/settings", {"Comfy.VueNodes.Enabled": False})
+
+
+OLD_UI_WORKFLOW = Path(__file__).resolve().parents[1] / "blora_testkit" / "old_workflows" / "train_then_apply.json"
+CHANGED = {"weight_decay": 0.001, "flip": True, "save_precision": "fp32"}  # moved settings set off their defaults
+
+_PROMPT = """async () => {
+  const { output } = await app.graphToPrompt();
+  const train = Object.entries(output).find(([, n]) => n.class_type === "BLoRATrain");
+  const node = app.graph.nodes.find((n) => n.comfyClass === "BLoRATrain");
+  return { train: train[1].inputs, id: train[0], nodes: output,
+           sockets: node.inputs.map((i) => i.name), moved: node.bloraMovedSettings ?? null,
+           toasts: [...document.querySelectorAll(".p-toast-message")].map((e) => e.innerText.trim()) };
+}"""
+
+
+@pytest.fixture(scope="module")
+def front_end_servers(ui_server, newest_server):
+    return {"pinned": ui_server, NEWEST_FRONTEND: newest_server}
+
+
+@pytest.mark.parametrize("front_end", ["pinned", NEWEST_FRONTEND])
+def test_an_old_ui_workflow_loads_with_its_settings_and_says_what_moved(front_end_servers, browser, front_end):
+    import json
+
+    server = front_end_servers[front_end]
+    workflow = json.loads(OLD_UI_WORKFLOW.read_text())
+    train = next(n for n in workflow["nodes"] if n["type"] == "BLoRATrain")
+    values = dict(zip(OLD_TRAIN_WIDGETS, train["widgets_values"]))
+    values.update(CHANGED, rank=16, learning_rate=1e-4, filename_prefix="old/ui")
+    train["widgets_values"] = [values[n] for n in OLD_TRAIN_WIDGETS]
+    context, page, log = new_page(browser)
+    try:
+        open_ui(page, server.url)
+        result = load_workflow(page, workflow)
+        assert not result["missing"], result
+        prompt = page.evaluate(_PROMPT)
+        inputs = prompt["train"]
+        assert {k: inputs[k] for k in ("rank", "learning_rate", "steps", "seed", "filename_prefix", "blocks")} == {
+            "rank": 16, "learning_rate": 1e-4, "steps": values["steps"], "seed": values["seed"],
+            "filename_prefix": "old/ui", "blocks": values["blocks"]}
+        assert {"algorithm_options", "augmentation", "checkpoints", "memory", "validation"} <= set(prompt["sockets"])
+        wired = {k: prompt["nodes"][v[0]] for k, v in inputs.items() if isinstance(v, list)
+                 and prompt["nodes"][v[0]]["class_type"].startswith("BLoRA") and k != "training_set"}
+        assert sorted(wired) == ["algorithm_options", "augmentation", "checkpoints"], sorted(wired)
+        assert wired["algorithm_options"]["inputs"]["weight_decay"] == 0.001
+        assert wired["augmentation"]["inputs"]["flip"] is True
+        assert wired["checkpoints"]["inputs"]["save_precision"] == "fp32"
+        assert wired["checkpoints"]["inputs"]["save_every"] == values["save_every"]
+        assert [m["input"] for m in prompt["moved"]] == ["algorithm_options", "augmentation", "checkpoints"]
+        ours = [e for e in log.entries if e.ours]
+        assert not ours, "\n".join(f"{e.kind}: {e.text} @ {e.url}\n{e.stack}" for e in ours)
+    finally:
+        context.close()

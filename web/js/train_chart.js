@@ -10,6 +10,7 @@ import { api } from "../../../scripts/api.js";
 import { addPanel, chain, COLORS, element, nodeByExecutionId, redraw, viewUrl } from "./blora_common.js";
 import { drawLossChart, LossChart } from "./loss_chart.js";
 import { PREVIEW_EVENT, PreviewRows, PreviewRowsView, rowsHeight } from "./preview_rows.js";
+import { afterGraphConfigured, configureOld, rememberDefinition } from "./train_legacy.js";
 
 const NODE_TYPE = "BLoRATrain";
 const PROGRESS_EVENT = "blora.train.progress";
@@ -125,7 +126,12 @@ app.registerExtension({
     api.addEventListener("execution_interrupted", onStopped);
   },
 
+  afterConfigureGraph() {
+    afterGraphConfigured(NODE_TYPE);
+  },
+
   beforeRegisterNodeDef(nodeType, nodeData) {
+    rememberDefinition(nodeData);
     if (nodeData.name !== NODE_TYPE) return;
     const proto = nodeType.prototype;
     chain(proto, "onNodeCreated", function () {
@@ -141,6 +147,9 @@ app.registerExtension({
         output.ranks?.[0] ?? null);
       this.bloraPreviews.finish(output.previews, Number(output.preview_seconds?.[0]));
       this.bloraChartView.render();
+    });
+    chain(proto, "onConfigure", function (info) {
+      configureOld(this, info); // a workflow saved before the settings nodes
     });
     chain(proto, "onRemoved", function () {
       this.bloraChartView?.dispose();
