@@ -7,10 +7,12 @@ One process, the tiny SDXL test model (fp32), one image, the same settings; vari
   the end; three views per row, each ``--sample-steps`` sampler steps at cfg 5 and the VAE decode);
 - seeds=2 off / on: ``train_blora_seeds`` with two seeds (one row per seed).
 
-The defaults scale the node's defaults (1000 steps, a row every 250, 20 sampler steps) down to 100 steps with a row
-every 25: the same 5 rows, the same sampling per row. Reported: CPU seconds of the whole job (this process, all
-threads), the ratio on/off, and the seconds the previews themselves measured (``PreviewSampler.seconds``, wall
-time). The trained weights are checked equal with previews on and off.
+The runs are short (100 steps, a row every 25, 20 sampler steps per view), so rows weigh far more here than at the
+node's defaults (1000 steps, a row every 250). Reported: CPU seconds of the whole job (this process, all threads),
+the ratio on/off, the seconds the previews themselves measured (``PreviewSampler.seconds``, wall time), what one row
+costs in training steps ((CPU on - CPU off) / rows, against CPU off / steps; that step cost includes loading and
+saving, so a row's cost in steps is if anything understated) and the share that gives at the node's defaults (5
+rows in 1000 steps). The trained weights are checked equal with previews on and off.
 
 Run: ``COMFYUI_PATH=/path/to/ComfyUI python bench/previews.py [--steps N] [--every N] [--sample-steps N]``;
 prints a table and writes it to bench/RESULTS-previews.txt.
@@ -23,6 +25,7 @@ import tempfile
 from benchkit import ROOT, clock, progress, run_stamp, setup_host
 
 RESULTS = ROOT / "bench" / "RESULTS-previews.txt"
+DEFAULT_STEPS, DEFAULT_ROWS = 1000, 5  # the node's defaults: 1000 steps, a row at 0, 250, 500, 750, 1000
 
 
 def main() -> int:
@@ -69,7 +72,7 @@ def main() -> int:
         return train_blora_seeds(model, vae, image, cond, config(seeds=2), filename_prefix="bench/seeds",
                                  on_step=previews)
 
-    rows = []
+    rows, costs = [], []
     with torch.inference_mode():
         single(None)  # first-call costs
         for label, job, seed_list in (("seeds=1", single, [0]), ("seeds=2", seeds, [0, 1])):
@@ -89,6 +92,9 @@ def main() -> int:
                        for p, m in a.modules.items() for n, t in m.tensors.items())
             rows[-1]["same"] = rows[-2]["same"] = same
             rows[-1]["ratio"], rows[-2]["ratio"] = rows[-1]["cpu"] / rows[-2]["cpu"], 1.0
+            per_row = (rows[-1]["cpu"] - rows[-2]["cpu"]) / rows[-1]["rows"] * len(seed_list)  # one row per seed
+            per_step = rows[-2]["cpu"] / args.steps
+            costs.append((label, per_row / per_step, DEFAULT_ROWS * per_row / (DEFAULT_STEPS * per_step)))
     head = (f"{run_stamp('previews.py')}, {torch.get_num_threads()} thread(s); tiny SDXL fp32, rank 4, {args.res} px, "
             f"{args.steps} steps; previews every {args.every} steps, {args.sample_steps} sampler steps, cfg 5, "
             f"{args.res} px, 3 views")
@@ -97,6 +103,9 @@ def main() -> int:
     for r in rows:
         lines.append(f"{r['run']:8} {r['previews']:8} {r['rows']:4d} {r['cpu']:8.2f} {r['ratio']:6.2f} "
                      f"{r['preview_s']:10.2f} {str(r['same']):>17}")
+    lines += [""] + [f"{label}: one preview step (a row per seed) costs {steps:.0f} training steps; at the node's "
+                     f"defaults ({DEFAULT_STEPS} steps, {DEFAULT_ROWS} rows) previews add {share:.0%}"
+                     for label, steps, share in costs]
     lines += ["", "CPU s: process CPU seconds of the whole job (VAE encode, load, training, previews, saving);",
               "ratio: against the same run without previews; preview s: wall seconds the previews took, as the",
               "node's summary reports them; weights on = off: every saved tensor bit-identical with previews on."]

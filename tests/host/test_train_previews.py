@@ -118,7 +118,8 @@ def test_both_view_at_the_end_is_the_trained_model_sampled_by_the_host(node, mod
 @pytest.mark.parametrize("seeds", [1, 2])
 def test_trained_weights_are_bit_identical_with_previews_on_or_off(node, model, vae, host_dirs, seeds):
     torch.manual_seed(123)
-    train(node, model, vae, seeds=seeds)
+    (_m, _b, _l, no_grid), ui = train(node, model, vae, seeds=seeds)
+    assert "previews" not in ui and torch.equal(no_grid, torch.zeros(1, 64, 64, 3))  # no validation: a black image
     off_state = torch.random.get_rng_state()
     torch.manual_seed(123)
     train(node, model, vae, seeds=seeds, validation=validation())
