@@ -149,7 +149,7 @@ app.registerExtension({
       this.bloraChartView.render();
     });
     chain(proto, "onConfigure", function (info) {
-      configureOld(this, info); // a workflow saved before the settings nodes
+      configureOld(this, info, nodeData); // a workflow saved before the settings nodes
     });
     chain(proto, "onRemoved", function () {
       this.bloraChartView?.dispose();

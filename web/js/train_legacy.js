@@ -36,9 +36,26 @@ export function settingsNodes(nodeData) {
   });
 }
 
-/** {old widget name: value} for saved values of the old layout, or null when they fit the node as it is. */
-export function oldValues(values, widgetCount) {
-  if (!Array.isArray(values) || values.length <= widgetCount || values.length > OLD_WIDGETS.length) return null;
+const WIDGET_TYPES = new Set(["INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"]);
+
+/** How many values a node of this definition saves: one per widget input, one more after a seed (its
+ * control_after_generate, which the front end adds to INT inputs named seed). */
+export function savedValueCount(nodeData) {
+  let count = 0;
+  for (const section of ["required", "optional"]) {
+    for (const [name, spec] of Object.entries(nodeData?.input?.[section] ?? {})) {
+      if (!(Array.isArray(spec?.[0]) || WIDGET_TYPES.has(spec?.[0]))) continue;
+      count += 1 + (spec?.[1]?.control_after_generate || (spec?.[0] === "INT" && name === "seed") ? 1 : 0);
+    }
+  }
+  return count;
+}
+
+/** {old widget name: value} for saved values of the old layout (more values than the node saves now, rslora a
+ * boolean where learning_rate stands now), or null when they fit the node as it is. */
+export function oldValues(values, valueCount) {
+  if (!Array.isArray(values) || values.length <= valueCount || values.length > OLD_WIDGETS.length) return null;
+  if (typeof values[OLD_WIDGETS.indexOf("rslora")] !== "boolean") return null;
   const old = Object.fromEntries(values.map((v, i) => [OLD_WIDGETS[i], v]));
   if (typeof old.gradient_checkpointing === "boolean") {
     old.gradient_checkpointing = old.gradient_checkpointing ? "trained blocks" : "off";
@@ -50,11 +67,10 @@ const pending = [];
 
 /** onConfigure of Train B-LoRA: old-layout values go to the widgets of the same name; the rest waits for the
  * graph to finish loading (``afterGraphConfigured``). */
-export function configureOld(node, info) {
-  const widgets = (node.widgets ?? []).filter((w) => w.serialize !== false && w.options?.serialize !== false);
-  const old = oldValues(info?.widgets_values, widgets.length);
+export function configureOld(node, info, nodeData) {
+  const old = oldValues(info?.widgets_values, savedValueCount(nodeData));
   if (!old) return;
-  for (const w of widgets) if (w.name in old) w.value = old[w.name];
+  for (const w of node.widgets ?? []) if (w.name in old) w.value = old[w.name];
   node.bloraOldSettings = old;
   pending.push(node);
 }
