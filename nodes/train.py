@@ -103,6 +103,8 @@ def legacy_settings(wired: dict[str, dict | None], old: dict) -> dict:
         if key is None:
             unknown.append(name)
             continue
+        if name == "gradient_checkpointing" and isinstance(value, bool):  # the old switch
+            value = "trained blocks" if value else "off"
         group = wired.get(key)
         if group is None:
             values[name] = value
@@ -110,8 +112,8 @@ def legacy_settings(wired: dict[str, dict | None], old: dict) -> dict:
             raise BLoRAError(f"`{name}` moved from Train B-LoRA to the {GROUPS[key].display_name} node wired into "
                              f"`{key}`; this workflow sets it on both ({value!r} and {group.get(name)!r}): remove "
                              f"it from Train B-LoRA's inputs")
-    if unknown:
-        raise BLoRAError(f"Train B-LoRA has no input {', '.join(map(repr, sorted(unknown)))}")
+    if unknown:  # ignored, as the host ignores inputs a node does not declare
+        log.warning("Train B-LoRA: ignoring inputs it does not have: %s", ", ".join(sorted(unknown)))
     if values:
         where = sorted({GROUPS[k].display_name for k, g in GROUPS.items() if set(values) & set(g.names())})
         log.warning("Train B-LoRA: this workflow was saved before settings moved to their own nodes; %s are read "

@@ -99,6 +99,9 @@ def test_an_old_input_beside_its_wired_settings_node_says_what_moved(node, setti
     with pytest.raises(BLoRAError, match="`weight_decay` moved from Train B-LoRA to the B-LoRA Algorithm Options node "
                                          "wired into `algorithm_options`"):
         train(node, model, vae, weight_decay=0.5, **wired)
-    with pytest.raises(BLoRAError, match="Train B-LoRA has no input 'rank_dropout'"):
-        train(node, model, vae, rank_dropout=0.1)
     assert not (host_dirs / "output" / "loras" / "s").exists()
+    memory = dict(wired["memory"], gradient_checkpointing="off")
+    with pytest.raises(BLoRAError, match="`gradient_checkpointing` moved .* B-LoRA Memory Options"):
+        train(node, model, vae, gradient_checkpointing=True, memory=memory)
+    train(node, model, vae, gradient_checkpointing=False, rank_dropout=0.1, memory=memory)  # the same; unknown: ignored
+    assert len(list((host_dirs / "output" / "loras" / "s").glob("*.safetensors"))) == 1
