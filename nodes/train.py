@@ -65,19 +65,20 @@ def _inputs() -> list:
                      tooltip="Short side of the training images in pixels (aspect kept, no crop)."),
         io.Int.Input("seed", default=d.seed, min=0, max=0xFFFFFFFFFFFFFFFF,
                      tooltip="Seed of the adapter initialisation, timesteps and noise: same seed, same weights."),
-        io.Int.Input("seeds", default=d.seeds, min=1, max=16,
-                     tooltip="Train this many B-LoRAs at once, initialised from seed, seed+1, …, in one batched "
-                             "forward and backward (plain LoRA; no resume). Each is saved as <prefix>_seed<S>; the "
-                             "outputs carry the first. Some seeds separate content and style better than others: "
-                             "with B-LoRA Validation wired, each seed gets its own preview row."),
-        io.Combo.Input("seed_draws", options=list(SEED_DRAWS), default=d.seed_draws,
-                       tooltip="With seeds > 1: shared: every seed trains on the timesteps and noise of `seed` (the "
-                               "layers below the first trained block then run once for all seeds: faster). own: "
-                               "seed+n draws its own, exactly as a run with that seed alone."),
         io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default=d.training_dtype,
                        tooltip="Compute dtype of the forward and backward (adapter weights stay float32)."),
         io.String.Input("filename_prefix", default="blora/blora",
                         tooltip="Name of the file written to output/loras/ (a counter is added; subfolders allowed)."),
+        # optional, as before the split: API workflows saved before seeds existed still validate
+        io.Int.Input("seeds", default=d.seeds, min=1, max=16, optional=True,
+                     tooltip="Train this many B-LoRAs at once, initialised from seed, seed+1, …, in one batched "
+                             "forward and backward (plain LoRA; no resume). Each is saved as <prefix>_seed<S>; the "
+                             "outputs carry the first. Some seeds separate content and style better than others: "
+                             "with B-LoRA Validation wired, each seed gets its own preview row."),
+        io.Combo.Input("seed_draws", options=list(SEED_DRAWS), default=d.seed_draws, optional=True,
+                       tooltip="With seeds > 1: shared: every seed trains on the timesteps and noise of `seed` (the "
+                               "layers below the first trained block then run once for all seeds: faster). own: "
+                               "seed+n draws its own, exactly as a run with that seed alone."),
         *[g.type.Input(key, optional=True, tooltip=f"{g.display_name}: {g.description}") for key, g in GROUPS.items()],
         ValidationType.Input("validation", optional=True,
                              tooltip="B-LoRA Validation: preview rows (content only, style only, both; one per seed) "

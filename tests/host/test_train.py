@@ -22,7 +22,7 @@ from blora.files import read_adapter
 from blora.trainable import Trainable, TrainableLoRA
 
 INPUTS = ["model", "vae", "images", "positive", "training_set", "blocks", "layer_filter", "rank", "alpha", "algorithm",
-          "learning_rate", "steps", "resolution", "seed", "seeds", "seed_draws", "training_dtype", "filename_prefix",
+          "learning_rate", "steps", "resolution", "seed", "training_dtype", "filename_prefix", "seeds", "seed_draws",
           "algorithm_options", "augmentation", "checkpoints", "memory", "validation"]
 TARGET_KEY = re.compile(r"^diffusion_model\.output_blocks\.[01]\.1\.transformer_blocks\.\d+\.attn[12]\."
                         r"(to_q|to_k|to_v|to_out\.0)\.weight$")
