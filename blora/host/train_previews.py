@@ -24,6 +24,7 @@ import comfy.sample
 import folder_paths
 import torch
 
+from ..errors import BLoRAError
 from ..seeds import SeedsLoRA
 from ..train.previews import VIEWS, ValidationSettings, is_preview_step, preview_grid, preview_row, view_multipliers
 
@@ -134,8 +135,11 @@ class PreviewSampler:
         values = view_multipliers(list(adapters), view)
         stacked = any(isinstance(a, SeedsLoRA) for a in adapters.values())
         routing = one_seed(state.unet, adapters, n) if stacked else contextlib.nullcontext()
+        model = getattr(state, "model", None)
+        if model is None:  # the loop's state must carry the training clone it samples with
+            raise BLoRAError("validation previews need the training model on the loop state (state.model)")
         with multipliers(adapters, values), routing:
-            latent = self._sample(state.model, view)
+            latent = self._sample(model, view)
         return self.vae.decode(latent)
 
     def _sample(self, model, view: str) -> torch.Tensor:

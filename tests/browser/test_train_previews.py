@@ -6,6 +6,7 @@ saved before the settings nodes opens (pinned and newest front end) with its val
 into settings nodes wired into Train B-LoRA (web/js/train_legacy.js)."""
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ _NODE = """() => {
   const box = (el) => { const r = el?.getBoundingClientRect(); return r ? [r.left, r.top, r.width, r.height] : null; };
   const rows = [...n.bloraChartView.root.querySelectorAll(".blora-preview-row")];
   return { id: String(n.id), points: n.bloraChart.points.length, running: n.bloraChart.running,
-           summary: n.bloraChartView.line.textContent,
+           summary: n.bloraChartView.line.textContent, time: n.bloraChartView.rows.time.textContent,
            chart: box(n.bloraChartView.canvas), attached: n.bloraChartView.root.isConnected,
            rows: rows.map((r) => ({ step: Number(r.dataset.step), seed: Number(r.dataset.seed), box: box(r),
                                     src: r.querySelector("img").getAttribute("src"),
@@ -67,6 +68,7 @@ def _check(node):
     chart_bottom = node["chart"][1] + node["chart"][3]
     assert all(r["box"][1] >= chart_bottom and r["box"][3] > 10 for r in node["rows"]), node  # below the chart
     assert "previews +" in node["summary"], node["summary"]
+    assert re.fullmatch(r"\+\d+\.\ds", node["time"]), node["time"]  # the time previews added, over the rows
 
 
 @pytest.mark.parametrize("mode", ["classic", "nodes2"])

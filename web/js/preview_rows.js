@@ -55,7 +55,9 @@ export class PreviewRowsView {
     this.root.className = "blora-preview-rows";
     this.header = element("div", { display: "grid", gridTemplateColumns: `${LABEL_WIDTH}px 1fr 1fr 1fr`,
       font: "10px monospace", color: COLORS.dim, textAlign: "center", flex: "0 0 auto" });
-    this.header.append(element("span", {}, ""), ...VIEWS.map((v) => element("span", { color: COLORS[v] ?? COLORS.text }, v)));
+    this.time = element("span", { textAlign: "left" }, "");
+    this.time.title = "time the previews added to the run";
+    this.header.append(this.time, ...VIEWS.map((v) => element("span", { color: COLORS[v] ?? COLORS.text }, v)));
     this.list = element("div", { display: "flex", flexDirection: "column", gap: "2px" });
     this.root.append(this.header, this.list);
   }
@@ -63,6 +65,7 @@ export class PreviewRowsView {
   render(previews) {
     const rows = newestFirst(previews.rows);
     this.root.style.display = rows.length ? "flex" : "none";
+    this.time.textContent = previews.seconds != null ? `+${previews.seconds.toFixed(1)}s` : "";
     const showSeed = previews.seedCount > 1;
     const keys = rows.map((r) => `${r.step}:${r.seed}:${viewUrl(r.image)}`);
     if (this.list.dataset.keys === keys.join("|")) return;
