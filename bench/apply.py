@@ -51,8 +51,8 @@ def write_original_blora(path: Path, shapes: dict, rank: int, seed: int = 1) -> 
 def write_kohya_twin(original: Path, kohya: Path) -> None:
     from safetensors.torch import save_file
 
-    from blora.files import read_adapter
-    from blora.keys import from_canonical
+    from blora.formats.files import read_adapter
+    from blora.formats.keys import from_canonical
 
     save_file({k: v.contiguous() for k, v in from_canonical(read_adapter(str(original)), "kohya").items()},
               str(kohya))
@@ -60,9 +60,9 @@ def write_kohya_twin(original: Path, kohya: Path) -> None:
 
 def time_ours(model, path: Path) -> tuple[dict, object]:
     """Load B-LoRA (read) + Apply B-LoRA (patched clone) + the clone's first patch_model."""
-    from blora.files import read_adapter
+    from blora.formats.files import read_adapter
     from blora.host import patched_clone
-    from blora.weights import role_parts
+    from blora.compose.block_weights import role_parts
 
     t0 = clock()
     adapter = read_adapter(str(path))

@@ -31,7 +31,7 @@ def adapter(model, role: str, rank: int = 64, seed: int = 0):
     """A rank-64 LoRA on the attention Linears of one role's block (the original B-LoRA targets)."""
     import torch
 
-    from blora.adapter import Adapter, ModuleAdapter
+    from blora.adapters.adapter import Adapter, ModuleAdapter
     from blora.blocks import ROLES
     from blora.host import model_weight_shapes
 

@@ -229,8 +229,8 @@ def run_model(kind: str, patcher, context_dim: int, size: int, tensors: dict, re
     from blora.host.dynamic import fused_clone, scheduled_clone
     from blora.host.patch import patched_clone
     from blora.host.train import train_blora
-    from blora.schedule import parse_schedule
-    from blora.training import TrainConfig
+    from blora.compose.strength_schedule import parse_schedule
+    from blora.train.recipe import TrainConfig
 
     blocks = TINY_BLOCKS if kind == "tiny" else FULL_BLOCKS
     results[f"{kind}.patcher"] = type(patcher).__name__

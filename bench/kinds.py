@@ -48,7 +48,7 @@ def worker(args) -> None:
     from blora_testkit.tiny_vae import tiny_vae
 
     from blora.host.train import train_blora
-    from blora.training import TrainConfig
+    from blora.train.recipe import TrainConfig
 
     folder_paths.set_output_directory(tempfile.mkdtemp(prefix="blora-bench-"))
     with torch.inference_mode():
@@ -121,10 +121,10 @@ def full_sizes(args) -> list[str]:
     setup_host(1)
     import torch
 
-    from blora.adapter import Adapter
-    from blora.algorithms import export, new_adapters
-    from blora.files import write_adapter
-    from blora.training import TrainConfig
+    from blora.adapters.adapter import Adapter
+    from blora.train.algorithms import export, new_adapters
+    from blora.formats.files import write_adapter
+    from blora.train.recipe import TrainConfig
 
     width = {"output_blocks.0.1": 1280, "output_blocks.1.1": 1280}
     shapes = {}

@@ -35,7 +35,7 @@ def lora(model, rank: int, seed: int, up_std: float):
     """An Adapter with a LoRA on every attention Linear of every attention block of ``model``."""
     import torch
 
-    from blora.adapter import Adapter, ModuleAdapter
+    from blora.adapters.adapter import Adapter, ModuleAdapter
     from blora.host import model_weight_shapes
 
     gen = torch.Generator().manual_seed(seed)

@@ -1,7 +1,7 @@
 """The least work the B-LoRA recipe needs, in plain torch: the reference Train B-LoRA is measured against.
 
 Same UNet module (the host's own SDXL ``diffusion_model``), same targets (q/k/v/out of both attentions in the
-content and style blocks, ``blora.training.select_targets``), rank, dtype and latent. Nothing else: the base
+content and style blocks, ``blora.train.recipe.select_targets``), rank, dtype and latent. Nothing else: the base
 weights are ordinary frozen tensors (made outside inference mode, so no copies or aliases are needed), each
 target Linear gets ``y = x Wᵀ + b + s · (x Aᵀ) Bᵀ`` (A ~ normal std 1/rank, B = 0, float32), optional gradient
 checkpointing per trained transformer block, ε-prediction MSE on the SDXL discrete schedule with uniform integer

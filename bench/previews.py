@@ -42,12 +42,12 @@ def main() -> int:
     import torch
 
     folder_paths.set_output_directory(tempfile.mkdtemp(prefix="blora-bench-previews-"))
-    from blora.files import read_adapter
+    from blora.formats.files import read_adapter
     from blora.host.train import train_blora
     from blora.host.train_previews import PreviewSampler, Validation
     from blora.host.train_seeds import train_blora_seeds
     from blora.train.previews import ValidationSettings
-    from blora.training import TrainConfig
+    from blora.train.recipe import TrainConfig
     from blora_testkit.tiny_sdxl import tiny_conditioning, tiny_sdxl_model
     from blora_testkit.tiny_vae import tiny_vae
 

@@ -29,7 +29,7 @@ def blora(model, rank: int = 64, seed: int = 3):
     """An Adapter on the content and style blocks' attention Linears (the original B-LoRA targets)."""
     import torch
 
-    from blora.adapter import Adapter, ModuleAdapter
+    from blora.adapters.adapter import Adapter, ModuleAdapter
     from blora.blocks import ROLES
     from blora.host import model_weight_shapes
 
@@ -46,7 +46,7 @@ def blora(model, rank: int = 64, seed: int = 3):
 
 def bench_model(label: str, model, context_dim: int, latent_hw: int, steps: int, repeats: int) -> dict:
     from blora.host.dynamic import scheduled_clone
-    from blora.schedule import parse_schedule
+    from blora.compose.strength_schedule import parse_schedule
 
     adapter = blora(model)
     one = parse_schedule("1.0")

@@ -49,7 +49,7 @@ def bench_model(label: str, model, context_dim: int, args) -> list[dict]:
 
     from blora.host.train import train_blora
     from blora.host.train_seeds import train_blora_seeds
-    from blora.training import TrainConfig
+    from blora.train.recipe import TrainConfig
     from blora_testkit.tiny_sdxl import tiny_conditioning
     from blora_testkit.tiny_vae import tiny_vae
 

@@ -96,7 +96,7 @@ def run_ours(args, model, vae, image, cond, stamp) -> list[float]:
     import torch
 
     from blora.host.train import train_blora
-    from blora.training import TrainConfig
+    from blora.train.recipe import TrainConfig
 
     config = TrainConfig(rank=args.rank, alpha=float(args.rank), steps=args.steps, learning_rate=1e-4,
                          resolution=args.res, training_dtype=args.dtype, gradient_checkpointing=not args.no_gc)
@@ -111,7 +111,7 @@ def run_minimal(args, model, vae, image, cond, stamp) -> list[float]:
 
     import minimal_train
     from blora.host.train import linear_paths
-    from blora.training import TrainConfig, TRAINING_DTYPES, select_targets
+    from blora.train.recipe import TrainConfig, TRAINING_DTYPES, select_targets
 
     dtype = TRAINING_DTYPES[args.dtype]
     unet = model.model.diffusion_model.to(dtype)

@@ -3,13 +3,13 @@
 Imports only torch and safetensors (never the ComfyUI host, except the ``blora.host`` subpackage, which is not
 imported here). Importing this package has no side effects.
 """
-from .adapter import Adapter, ModuleAdapter, check_fits, delta_weight, merge, select
+from .adapters.adapter import Adapter, ModuleAdapter, check_fits, delta_weight, merge, select
 from .blocks import ROLES, SDXL_BLOCKS, Block, resolve_block
 from .errors import (AdapterFileError, ArchitectureError, BLoRAError, BlockNameError, ScheduleError,
                      UnsafePathError)
-from .files import read_adapter, safe_path, write_adapter
-from .inspect import AdapterReport, inspect_adapter
-from .keys import detect_dialect, from_canonical, to_canonical
+from .formats.files import read_adapter, safe_path, write_adapter
+from .formats.report import AdapterReport, inspect_adapter
+from .formats.keys import detect_dialect, from_canonical, to_canonical
 
 __all__ = [
     "Adapter", "ModuleAdapter", "Block", "SDXL_BLOCKS", "ROLES", "resolve_block",

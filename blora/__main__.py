@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .adapter import merge, select
+from .adapters.adapter import merge, select
 from .blocks import resolve_block
-from .dialects import WRITABLE
+from .formats.dialects import WRITABLE
 from .errors import BLoRAError
-from .files import read_adapter, write_adapter
-from .inspect import inspect_adapter
+from .formats.files import read_adapter, write_adapter
+from .formats.report import inspect_adapter
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

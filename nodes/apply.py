@@ -5,9 +5,9 @@ import logging
 
 from comfy_api.latest import io
 
-from ..blora.adapter import Adapter
+from ..blora.adapters.adapter import Adapter
 from ..blora.host import patched_clone
-from ..blora.weights import block_weight_parts, parse_block_weights, role_parts
+from ..blora.compose.block_weights import block_weight_parts, parse_block_weights, role_parts
 from .types import BLoRA, role_inputs, role_strength_inputs
 
 log = logging.getLogger(__name__)

@@ -8,10 +8,10 @@ import torch
 from comfy_api.latest import io
 from einops import rearrange
 
-from ..blora.adapter import Adapter
+from ..blora.adapters.adapter import Adapter
 from ..blora.errors import BLoRAError
 from ..blora.host.batched_lora import batched_clone
-from ..blora.weights import role_parts
+from ..blora.compose.block_weights import role_parts
 from .types import role_inputs, role_strength_inputs
 
 BLoRABatch = io.Custom("BLORA_BATCH")

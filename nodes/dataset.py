@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from PIL import Image, ImageOps
 
 from ..blora.errors import BLoRAError
-from ..blora.train_dataset import TrainingSet, folder_images, subfolder
+from ..blora.train.dataset import TrainingSet, folder_images, subfolder
 
 log = logging.getLogger(__name__)
 TrainingSetType = io.Custom("BLORA_TRAINING_SET")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..blora.adapter import Adapter
-from ..blora.fusion import TIME_SCALES
+from ..blora.adapters.adapter import Adapter
+from ..blora.compose.klora import TIME_SCALES
 from ..blora.host.dynamic import fused_clone
 from .types import BLoRA, strength
 

@@ -5,9 +5,9 @@ import os
 
 from comfy_api.latest import io
 
-from ..blora.files import read_adapter
-from ..blora.inspect import inspect_adapter
-from ..blora.loss_history import loss_map, losses_in
+from ..blora.formats.files import read_adapter
+from ..blora.formats.report import inspect_adapter
+from ..blora.train.loss_history import loss_map, losses_in
 from .folders import adapter_files, adapter_path
 from .types import BLoRA, intermediate_output
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..blora.adapter import Adapter
+from ..blora.adapters.adapter import Adapter
 from ..blora.host.dynamic import scheduled_clone
-from ..blora.schedule import parse_schedule
+from ..blora.compose.strength_schedule import parse_schedule
 from .types import BLoRA, role_inputs
 
 SCHEDULE_HELP = ("Keyframes progress:strength separated by commas, e.g. '0:1.0, 0.6:0.3' (progress 0 = first step, "

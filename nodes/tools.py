@@ -8,11 +8,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..blora.adapter import Adapter, merge, select
+from ..blora.adapters.adapter import Adapter, merge, select
 from ..blora.errors import BLoRAError
-from ..blora.files import write_adapter
+from ..blora.formats.files import write_adapter
 from ..blora.host.output_files import save_target
-from ..blora.weights import role_parts
+from ..blora.compose.block_weights import role_parts
 from .types import BLoRA, role_inputs
 
 log = logging.getLogger(__name__)

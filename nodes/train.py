@@ -11,13 +11,13 @@ import torch
 from comfy_api.latest import io
 
 from ..blora.errors import BLoRAError
-from ..blora.files import read_adapter
+from ..blora.formats.files import read_adapter
 from ..blora.host.output_files import register_output_loras
 from ..blora.host.train import train_blora
 from ..blora.host.train_previews import PreviewSampler, live_sender, save_rows
 from ..blora.host.train_seeds import train_blora_seeds
-from ..blora.loss_history import loss_map
-from ..blora.training import ALGORITHMS, BLOCK_PRESETS, SEED_DRAWS, TRAINING_DTYPES, TrainConfig
+from ..blora.train.loss_history import loss_map
+from ..blora.train.recipe import ALGORITHMS, BLOCK_PRESETS, SEED_DRAWS, TRAINING_DTYPES, TrainConfig
 from .dataset import TrainingSetType
 from .folders import adapter_path
 from .train_settings import GROUPS, NO_RESUME, ValidationType

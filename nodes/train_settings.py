@@ -9,8 +9,8 @@ from comfy_api.latest import io
 from ..blora.host.output_files import register_output_loras
 from ..blora.host.train_previews import Validation
 from ..blora.train.previews import ValidationSettings
-from ..blora.trainable import INITIALISATIONS
-from ..blora.training import CHECKPOINTING, OPTIMIZERS, SAVE_PRECISIONS, TrainConfig
+from ..blora.adapters.kinds.lora import INITIALISATIONS
+from ..blora.train.recipe import CHECKPOINTING, OPTIMIZERS, SAVE_PRECISIONS, TrainConfig
 from .folders import adapter_files
 
 NO_RESUME = "none"

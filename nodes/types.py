@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..blora.weights import STRENGTH_MODES
+from ..blora.compose.block_weights import STRENGTH_MODES
 
 BLoRA = io.Custom("BLORA")
 """A ``blora.Adapter``: modules keyed by canonical path, with source, dialect, metadata and trigger."""

@@ -5,7 +5,7 @@ Mechanism (host APIs present in ComfyUI 0.3.64 and later):
 - ``ProgressTracker``: one per patched clone. A keyed ``APPLY_MODEL`` wrapper (``add_wrapper_with_key``, composes
   with other packs' wrappers) reads the current sigma (``transformer_options["sigmas"]``) and the run's full sigma
   schedule (``transformer_options["sample_sigmas"]``, set by the sampler for every run, any sampler, batched or
-  unbatched CFG) and turns them into the sampling progress (``blora.schedule.sampling_progress``: step i of n is
+  unbatched CFG) and turns them into the sampling progress (``blora.compose.strength_schedule.sampling_progress``: step i of n is
   i/(n-1)). Its signals (a schedule's strength, K-LoRA's time scale S(p)) are evaluated once per model call.
 - Per-layer weight functions (``add_weight_wrapper``; the host runs them in ``comfy.ops`` on the layer's weight
   as cast for the forward) add a precomputed delta: ``ScaledDelta`` W + s(p)·D, ``SwitchedDelta`` W + ΔW_c or ΔW_s.
@@ -33,11 +33,11 @@ import comfy.lora
 import comfy.patcher_extension
 import torch
 
-from ..adapter import Adapter
+from ..adapters.adapter import Adapter
 from ..errors import ArchitectureError
-from ..fusion import FusionPlan, layer_stats, plan_from_stats, time_scale
-from ..schedule import Schedule, is_constant, sampling_progress, strength_at
-from ..weights import role_parts
+from ..compose.klora import FusionPlan, layer_stats, plan_from_stats, time_scale
+from ..compose.strength_schedule import Schedule, is_constant, sampling_progress, strength_at
+from ..compose.block_weights import role_parts
 from .dynamic_vram import keep_weight_functions
 from .patch import patched_clone
 
@@ -223,7 +223,7 @@ def _steady_layers(plan: FusionPlan) -> tuple[list[str], list[str]]:
 
 def fused_clone(model, subject: Adapter, style: Adapter, subject_strength: float, style_strength: float,
                 pattern: str = "s") -> tuple[object, FusionPlan]:
-    """A clone of ``model`` with K-LoRA fusion of ``subject`` and ``style`` (UNet modules; see blora.fusion).
+    """A clone of ``model`` with K-LoRA fusion of ``subject`` and ``style`` (UNet modules; see blora.compose.klora).
     Layers in one LoRA only, and layers in both whose choice holds over the whole run, are ordinary patches; the
     others switch per model call between the two deltas."""
     time_scale(pattern)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import folder_paths
 
 from ..errors import BLoRAError
-from ..files import safe_path
+from ..formats.files import safe_path
 
 SUFFIX = ".safetensors"
 OUTPUT_SUBFOLDER = "loras"

@@ -1,6 +1,6 @@
 """Patch a ComfyUI ModelPatcher with adapters, through the host's own LoRA loader.
 
-Each adapter is written in the kohya LDM dialect (``blora.keys.from_canonical``) and handed to
+Each adapter is written in the kohya LDM dialect (``blora.formats.keys.from_canonical``) and handed to
 ``comfy.lora.load_lora`` with the host's key map, so the patched weights are exactly those stock
 ``LoraLoaderModelOnly`` gives for the same kohya file (LoRA, LoHa, LoKr and DoRA alike). What the host would skip
 quietly (modules missing from the model, shape mismatches, keys it cannot load) is refused before patching.
@@ -19,12 +19,12 @@ from typing import Mapping, Sequence
 import comfy.lora
 import torch
 
-from ..adapter import Adapter, ModuleAdapter, check_fits
+from ..adapters.adapter import Adapter, ModuleAdapter, check_fits
 from ..blocks import ROLES
-from ..dora import dora_weight
+from ..adapters.dora import dora_weight
 from ..errors import ArchitectureError, BLoRAError
-from ..keys import from_canonical
-from ..kinds.full import Full
+from ..formats.keys import from_canonical
+from ..adapters.kinds.full import Full
 
 log = logging.getLogger(__name__)
 

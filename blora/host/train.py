@@ -15,15 +15,15 @@ from typing import Any
 import comfy.model_management
 import torch
 
-from ..adapter import Adapter, check_fits
-from ..algorithms import check_resume, export, new_adapters, rank_allocator, resumed_adapters
+from ..adapters.adapter import Adapter, check_fits
+from ..train.algorithms import check_resume, export, new_adapters, rank_allocator, resumed_adapters
 from ..blocks import block_of
-from ..kinds.trainable import Trainable
-from ..loss_history import losses_in
-from ..training import TrainConfig, make_optimizer, select_targets
+from ..adapters.trainable import Trainable
+from ..train.loss_history import losses_in
+from ..train.recipe import TrainConfig, make_optimizer, select_targets
 from .dynamic_vram import is_dynamic, restream_weights, training_flag
 from .patch import model_weight_shapes, patched_clone, require_sdxl
-from .train_inputs import ModelSchedule, model_schedule, prepare_samples
+from .train_inputs import NoiseSchedule, noise_schedule, prepare_samples
 from .train_loop import TrainState, run_loop
 from .output_files import check_prefix, save_target
 from .train_save import base_model_fingerprint, save_dtype, steps_in, train_metadata, write_trained
@@ -75,7 +75,7 @@ def block_ranks(targets: list[str], adapter: Adapter) -> dict[str, float]:
     return {slot: sum(r) / len(r) for slot, r in ranks.items()}
 
 
-def _fit(model, adapters, samples, schedule: ModelSchedule, config: TrainConfig, node_id, on_checkpoint,
+def _fit(model, adapters, samples, schedule: NoiseSchedule, config: TrainConfig, node_id, on_checkpoint,
          steps_before, on_step=None) -> list[float]:
     clone = trainable_clone(model, adapters, config.dtype)
     comfy.model_management.load_models_gpu([clone], memory_required=LOAD_ALL_MEMORY, force_full_load=True)
@@ -104,7 +104,7 @@ def train_blora(model, vae, images, positive, config: TrainConfig, filename_pref
     for bad input (before anything is written) and the host's InterruptProcessingException on cancel.
     on_step(done, state): called at step 0 and after every step (``train_loop.run_loop``)."""
     require_sdxl(model)
-    schedule = model_schedule(model)
+    schedule = noise_schedule(model)
     targets = select_targets(linear_paths(model), config)
     if resume is not None:
         check_fits(resume, model_weight_shapes(model))

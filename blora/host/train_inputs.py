@@ -1,4 +1,4 @@
-"""What the loop trains on, made once before it starts: latents of each training view (``train_dataset``: one per
+"""What the loop trains on, made once before it starts: latents of each training view (``blora.train.dataset``: one per
 image, or several augmented views; VAE-encoded once, flipped copies when flip augmentation is on), per-image
 cross-attention context and SDXL vector conditioning (pooled text + size conditioning: original size, crop corner,
 training size), and the model's schedule and prediction type."""
@@ -11,8 +11,8 @@ import comfy.model_sampling
 import torch
 
 from ..errors import ArchitectureError, BLoRAError
-from ..train_dataset import bucket_groups, training_views
-from ..training import PREDICTION_TARGETS
+from ..train.dataset import bucket_groups, training_views
+from ..train.recipe import PREDICTION_TARGETS
 
 # Checked in order (subclasses first): the model_sampling mixin decides what the model predicts.
 PREDICTION_KINDS: tuple[tuple[type, str], ...] = (
@@ -37,7 +37,7 @@ class Sample:
 
 
 @dataclass(frozen=True)
-class ModelSchedule:
+class NoiseSchedule:
     """The model's own noise schedule (its ``model_sampling``, object patches included), what it predicts
     (EPS, V_PREDICTION), and its sigma per integer timestep (num_timesteps,) float32 on the CPU."""
 
@@ -53,7 +53,7 @@ def prediction_kind(model_sampling) -> str:
     return type(model_sampling).__name__
 
 
-def model_schedule(model) -> ModelSchedule:
+def noise_schedule(model) -> NoiseSchedule:
     """The schedule training draws from. Refuses prediction types other than PREDICTION_TARGETS and continuous
     schedules (ArchitectureError)."""
     ms = model.get_model_object("model_sampling")
@@ -65,7 +65,7 @@ def model_schedule(model) -> ModelSchedule:
     if not isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete) or sigmas is None:
         raise ArchitectureError(f"cannot train on a {type(ms).__name__} schedule: B-LoRA training draws integer "
                                 f"timesteps from a discrete (SDXL-style) schedule")
-    return ModelSchedule(ms, prediction, sigmas.detach().float().cpu().clone())
+    return NoiseSchedule(ms, prediction, sigmas.detach().float().cpu().clone())
 
 
 def _conditioning_rows(positive, count: int) -> list[tuple[torch.Tensor, dict]]:
@@ -113,7 +113,7 @@ def _encode(vae, image: torch.Tensor) -> torch.Tensor:
 
 def prepare_samples(model, vae, images, positive, resolution: int, flip: bool, *, batch_size: int = 1,
                     random_crop: bool = False, color_jitter: float = 0.0, seed: int = 0) -> list[Sample]:
-    """Resize (and augment), encode (once) and condition each training view (``train_dataset.training_views``).
+    """Resize (and augment), encode (once) and condition each training view (``blora.train.dataset.training_views``).
     Everything returned is an ordinary tensor (made outside inference mode) on the model's load device, in
     float32."""
     views = training_views(images, resolution, batch_size=batch_size, random_crop=random_crop,

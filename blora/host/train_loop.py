@@ -14,13 +14,13 @@ import comfy.utils
 import latent_preview
 import torch
 
-from ..adalora import RankAllocator
+from ..train.adalora import RankAllocator
 from ..errors import BLoRAError
-from ..kinds.trainable import Trainable
-from ..train_dataset import sample_bucketed_batch
-from ..training import (TrainConfig, diffusion_loss, sample_flips, sample_noise, sample_timesteps, step_generator,
-                        training_target)
-from .train_inputs import ModelSchedule, Sample, batch_of, buckets
+from ..adapters.trainable import Trainable
+from ..train.dataset import sample_bucketed_batch
+from ..train.recipe import (TrainConfig, diffusion_loss, sample_flips, sample_noise, sample_timesteps, step_generator,
+                            training_target)
+from .train_inputs import NoiseSchedule, Sample, batch_of, buckets
 
 PROGRESS_EVENT = "blora.train.progress"
 PREVIEW_INTERVAL_S = 1.0  # at most one preview image a second (decoding one costs a little)
@@ -34,7 +34,7 @@ class TrainState:
 
     config: TrainConfig
     unet: torch.nn.Module
-    schedule: ModelSchedule
+    schedule: NoiseSchedule
     samples: list[Sample]
     adapters: dict[str, Trainable]
     optimizer: torch.optim.Optimizer
@@ -49,7 +49,7 @@ class TrainState:
     model: object | None = None  # the training clone (ModelPatcher) the adapters are on; previews sample with it
 
 
-def draw_batch(config: TrainConfig, schedule: ModelSchedule, samples: list[Sample], device: torch.device, seed: int,
+def draw_batch(config: TrainConfig, schedule: NoiseSchedule, samples: list[Sample], device: torch.device, seed: int,
                draw: int) -> tuple[torch.Tensor, ...]:
     """(x0, context, y, noise, sigma) of one micro-batch; every random draw comes from (seed, draw)."""
     g = step_generator(seed, draw)

@@ -25,7 +25,7 @@ import folder_paths
 import torch
 
 from ..errors import BLoRAError
-from ..seeds import SeedsLoRA
+from ..train.seeds import SeedsLoRA
 from ..train.previews import VIEWS, ValidationSettings, is_preview_step, preview_grid, preview_row, view_multipliers
 
 log = logging.getLogger(__name__)

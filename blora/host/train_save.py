@@ -2,7 +2,7 @@
 
 Files go to ``<output>/loras/`` (``blora.host.output_files``): ``<prefix>_<NNNNN>_.safetensors`` and, with
 ``save_every``, checkpoints ``<prefix>_<NNNNN>_step<SSSSSS>_.safetensors``. Names that escape the folder are
-refused before training starts. Writes go through ``blora.files.write_adapter`` (kohya LDM dialect, explicit
+refused before training starts. Writes go through ``blora.formats.files.write_adapter`` (kohya LDM dialect, explicit
 alpha, atomic).
 """
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..adapter import Adapter
-from ..algorithms import kohya_metadata
-from ..files import write_adapter
-from ..loss_history import LOSS_KEY, encode_losses
-from ..training import SAVE_PRECISIONS, TrainConfig
+from ..adapters.adapter import Adapter
+from ..train.algorithms import kohya_metadata
+from ..formats.files import write_adapter
+from ..train.loss_history import LOSS_KEY, encode_losses
+from ..train.recipe import SAVE_PRECISIONS, TrainConfig
 from .output_files import SaveTarget
 
 HASHED_WEIGHTS = 4  # weights (first and last of the sorted UNet keys) hashed to identify the base model

@@ -1,5 +1,5 @@
 """Train B-LoRA with ``seeds`` > 1: N B-LoRAs, each from its own initialisation (seed, seed + 1, …), in one batched
-forward and backward on the host's model patcher (``blora.seeds`` holds the stacked adapters).
+forward and backward on the host's model patcher (``blora.train.seeds`` holds the stacked adapters).
 
 Seed n's adapter equals, to floating-point tolerance, what a single-seed run with the same initialisation and the
 same draws gives. Two modes for the draws (timesteps, noise, image order, flips):
@@ -31,16 +31,16 @@ import comfy.utils
 import torch
 from einops import repeat
 
-from ..adapter import Adapter
+from ..adapters.adapter import Adapter
 from ..errors import BLoRAError
-from ..kinds.lora import TrainableLoRA
-from ..seeds import SeedsLoRA, clip_per_seed, seeds_of
-from ..training import TrainConfig, diffusion_loss, make_optimizer, select_targets, training_target
+from ..adapters.kinds.lora import TrainableLoRA
+from ..train.seeds import SeedsLoRA, clip_per_seed, seeds_of
+from ..train.recipe import TrainConfig, diffusion_loss, make_optimizer, select_targets, training_target
 from .dynamic_vram import is_dynamic, restream_weights, training_flag
 from .output_files import check_prefix, save_target
 from .patch import patched_clone, require_sdxl
 from .train import LOAD_ALL_MEMORY, TrainOutcome, linear_paths
-from .train_inputs import ModelSchedule, model_schedule, prepare_samples
+from .train_inputs import NoiseSchedule, noise_schedule, prepare_samples
 from .train_loop import PREVIEW_INTERVAL_S, draw_batch, preview_decoder, progress_sender
 from .train_save import base_model_fingerprint, save_dtype, train_metadata, write_trained
 from .train_wrappers import checkpointed, frozen_aliases, grad_region, trainable_clone
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 class SeedsState:
     config: TrainConfig
     unet: torch.nn.Module
-    schedule: ModelSchedule
+    schedule: NoiseSchedule
     samples: dict[int, list]  # per seed: its training views (augmentations are drawn from the seed)
     adapters: dict[str, SeedsLoRA]
     optimizer: torch.optim.Optimizer
@@ -209,7 +209,7 @@ def train_blora_seeds(model, vae, images, positive, config: TrainConfig, filenam
     Returns one TrainOutcome per seed (its model is the input model with that seed's B-LoRA)."""
     check_seeds_config(config)
     require_sdxl(model)
-    schedule = model_schedule(model)
+    schedule = noise_schedule(model)
     targets = select_targets(linear_paths(model), config)
     check_prefix(filename_prefix)
     seeds = seeds_of(config.seed, config.seeds)

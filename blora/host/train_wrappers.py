@@ -18,7 +18,7 @@ from typing import Iterator, Mapping
 import torch
 import torch.utils.checkpoint
 
-from ..kinds.trainable import Trainable
+from ..adapters.trainable import Trainable
 from .dynamic_vram import keep_weight_functions
 
 UNET_PREFIX = "diffusion_model."

@@ -1,4 +1,4 @@
-"""Adapter state dicts in every key dialect, built independently of ``blora.keys`` (own naming code, from the index
+"""Adapter state dicts in every key dialect, built independently of ``blora.formats.keys`` (own naming code, from the index
 rule in shared/reference/blora.md §1), plus the expected weight deltas, for reader/writer tests.
 
     make_state_dict("kohya", TINY_ATTN_SHAPES, rank=4, seed=0, alpha=2.0)

@@ -8,7 +8,7 @@ import torch
 def make_lora(model, blocks, seed, rank=4, up_std=0.2, dora=False, source=None):
     """A ``blora.Adapter`` with a LoRA on every attention Linear of ``blocks`` (alpha = rank: scale 1);
     ``dora`` adds an output-axis dora_scale."""
-    from blora.adapter import Adapter, ModuleAdapter
+    from blora.adapters.adapter import Adapter, ModuleAdapter
 
     gen = torch.Generator().manual_seed(seed)
     shapes = {k[len("diffusion_model."):-len(".weight")]: v.shape for k, v in model.model.state_dict().items()

@@ -12,8 +12,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from blora.adapter import Adapter, delta_weight
-from blora.dora import dora_weight
+from blora.adapters.adapter import Adapter, delta_weight
+from blora.adapters.dora import dora_weight
 from blora.unet_map import diffusers_to_ldm, ldm_to_diffusers
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from blora.adalora import BudgetSchedule, RankAllocator, TrainableSVD, schedule_for
-from blora.adapter import delta_weight
-from blora.algorithms import REGISTRY, export, new_adapters, rank_allocator
+from blora.train.adalora import BudgetSchedule, RankAllocator, TrainableSVD, budget_schedule
+from blora.adapters.adapter import delta_weight
+from blora.train.algorithms import REGISTRY, export, new_adapters, rank_allocator
 from blora.errors import BLoRAError
-from blora.kinds.loha import TrainableLoHa
-from blora.kinds.lokr import TrainableLoKr, factorization
-from blora.training import ALGORITHMS, TrainConfig, param_groups
+from blora.adapters.kinds.loha import TrainableLoHa
+from blora.adapters.kinds.lokr import TrainableLoKr, factorization
+from blora.train.recipe import ALGORITHMS, TrainConfig, param_groups
 
 
 def gen(seed=0):
@@ -115,7 +115,7 @@ def test_budget_holds_then_falls_as_a_cubic_then_holds_at_the_target():
     for t in range(5, 15):
         assert s.at(t).total == int(60 * (1 - (t - 4) / 10) ** 3 + 40) and s.at(t).mask == (t % 3 == 0)
     assert all(s.at(t).total == 40 and s.at(t).mask for t in range(15, 21))
-    assert schedule_for(64, 16, 8, 100, 0.1, 0.2, 10) == BudgetSchedule(64, 64, 100, 10, 20, 10)  # never above
+    assert budget_schedule(64, 16, 8, 100, 0.1, 0.2, 10) == BudgetSchedule(64, 64, 100, 10, 20, 10)  # never above
 
 
 def test_allocator_keeps_the_most_important_triplets_and_export_has_a_rank_per_module():

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from blora.__main__ import main
-from blora.adapter import delta_weight
-from blora.files import read_adapter
+from blora.adapters.adapter import delta_weight
+from blora.formats.files import read_adapter
 from blora_testkit.dialects import CONTENT, LAYOUT, STYLE, TINY_ATTN_SHAPES, blora_shapes, make_state_dict
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,9 +1,9 @@
-"""DoRA over a base weight (blora.dora): the two renderings against their textbook formulas, in float64."""
+"""DoRA over a base weight (blora.adapters.dora): the two renderings against their textbook formulas, in float64."""
 import pytest
 import torch
 
-from blora.adapter import ModuleAdapter
-from blora.dora import dora_weight
+from blora.adapters.adapter import ModuleAdapter
+from blora.adapters.dora import dora_weight
 from blora.errors import BLoRAError
 
 

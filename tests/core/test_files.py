@@ -9,12 +9,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import blora.files as files
-from blora.adapter import delta_weight
+import blora.formats.files as files
+from blora.adapters.adapter import delta_weight
 from blora.errors import AdapterFileError, UnsafePathError
-from blora.files import read_adapter, safe_path, write_adapter
-from blora.keys import to_canonical
-from blora.inspect import inspect_adapter
+from blora.formats.files import read_adapter, safe_path, write_adapter
+from blora.formats.keys import to_canonical
+from blora.formats.report import inspect_adapter
 from blora_testkit.dialects import FULL_ATTN_SHAPES, TINY_ATTN_SHAPES, blora_shapes, ldm_to_diffusers, make_state_dict
 
 PAIR = blora_shapes(TINY_ATTN_SHAPES)

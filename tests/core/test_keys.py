@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from blora.adapter import Adapter, ModuleAdapter, check_fits, delta_weight
+from blora.adapters.adapter import Adapter, ModuleAdapter, check_fits, delta_weight
 from blora.errors import AdapterFileError, ArchitectureError, BLoRAError
-from blora.dialects import BY_NAME
-from blora.keys import detect_dialect, from_canonical, to_canonical
+from blora.formats.dialects import BY_NAME
+from blora.formats.keys import detect_dialect, from_canonical, to_canonical
 from blora_testkit.dialects import (CONTENT, FULL_ATTN_SHAPES, STYLE, TINY_ATTN_SHAPES, blora_shapes,
                                     make_state_dict, reference_deltas)
 
@@ -124,13 +124,13 @@ def test_output_axis_dora_round_trips_through_kohya_and_peft():
 def test_peft_dora_written_as_kohya_warns_and_keeps_the_output_axis_scale(caplog):
     path = f"{STYLE}.transformer_blocks.0.attn2.to_k"
     adapter = to_canonical(make_state_dict("peft", PAIR, rank=4, seed=0, dora=True), "peft.safetensors")
-    with caplog.at_level("WARNING", logger="blora.keys"):
+    with caplog.at_level("WARNING", logger="blora.formats.keys"):
         sd = from_canonical(adapter, "kohya")
     assert "per-output-row DoRA" in caplog.text and "peft.safetensors" in caplog.text
     scale = sd["lora_unet_" + path.replace(".", "_") + ".dora_scale"]
     assert torch.equal(scale, adapter.modules[path].dora_scale) and scale.shape == (128, 1)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="blora.keys"):
+    with caplog.at_level("WARNING", logger="blora.formats.keys"):
         from_canonical(to_canonical(make_state_dict("kohya", PAIR, rank=4, seed=0, dora=True)), "kohya")
     assert "per-output-row DoRA" not in caplog.text
 

@@ -1,15 +1,15 @@
-"""blora.kinds: one module per adapter kind behind one registry; Tucker/CP cores; no kind branches elsewhere."""
+"""blora.adapters.kinds: one module per adapter kind behind one registry; Tucker/CP cores; no kind branches elsewhere."""
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from blora.adapter import ModuleAdapter, delta_weight
-from blora.dialects import SUFFIXES
+from blora.adapters.adapter import ModuleAdapter, delta_weight
+from blora.formats.dialects import SUFFIXES
 from blora.errors import AdapterFileError, BLoRAError
-from blora.keys import from_canonical, to_canonical
-from blora.kinds import KINDS
+from blora.formats.keys import from_canonical, to_canonical
+from blora.adapters.kinds import KINDS
 
 CONV = "output_blocks.1.0.in_layers.2"  # a 3x3 conv of SDXL (out 1280, in 2560 at full size)
 KOHYA = "lora_unet_output_blocks_1_0_in_layers_2"

@@ -1,11 +1,11 @@
-"""blora.loss_history: the per-step loss in a file's metadata, the host's LOSS_MAP, the Load node's summary."""
+"""blora.train.loss_history: the per-step loss in a file's metadata, the host's LOSS_MAP, the Load node's summary."""
 from __future__ import annotations
 
 import json
 import math
 
-from blora.loss_history import (FINAL_WINDOW, LOSS_KEY, encode_losses, final_loss, loss_map, losses_in,
-                                training_summary)
+from blora.train.loss_history import (FINAL_WINDOW, LOSS_KEY, encode_losses, final_loss, loss_map, losses_in,
+                                      training_summary)
 
 
 def test_losses_round_trip_compactly_at_four_significant_digits():

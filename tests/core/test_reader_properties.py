@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save, save_file
 
-from blora.adapter import delta_weight
+from blora.adapters.adapter import delta_weight
 from blora.errors import AdapterFileError
-from blora.files import read_adapter
+from blora.formats.files import read_adapter
 from blora_testkit.dialects import TINY_ATTN_SHAPES, blora_shapes, make_state_dict, reference_deltas
 
 SETTINGS = settings(max_examples=int(os.environ.get("BLORA_HYPOTHESIS_EXAMPLES", 60)), deadline=None, database=None,

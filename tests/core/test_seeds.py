@@ -1,4 +1,4 @@
-"""blora.seeds: N stacked LoRA adapters of one layer, each seed's rows through its own factors, and gradient
+"""blora.train.seeds: N stacked LoRA adapters of one layer, each seed's rows through its own factors, and gradient
 clipping per seed, against single-seed TrainableLoRA and torch's clip_grad_norm_ (torch only)."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from blora.errors import BLoRAError
-from blora.kinds.lora import TrainableLoRA
-from blora.seeds import SeedsLoRA, clip_per_seed, seeds_of
+from blora.adapters.kinds.lora import TrainableLoRA
+from blora.train.seeds import SeedsLoRA, clip_per_seed, seeds_of
 
 
 def singles(n=3, out_f=6, in_f=5, rank=2):

@@ -56,13 +56,13 @@ def test_pack_import_failure_is_counted_in_each_form_the_host_prints():
 
 
 def test_failure_in_the_repository_the_pack_links_to_and_by_module_name():
-    log = (f'  File "{REPO}/blora/keys.py", line 3, in <module>\n'
+    log = (f'  File "{REPO}/blora/formats/keys.py", line 3, in <module>\n'
            "Error while calling comfy_entrypoint in custom_nodes.comfyui-blora: boom\n")
     assert len(pack_failure_lines(log, DIRS, "comfyui-blora")) == 2
 
 
 def test_a_sibling_directory_whose_name_extends_the_packs_is_not_the_pack():
     log = (f"Cannot import {BASE}-extra module for custom nodes: x\n"
-           f'  File "{REPO}2/blora/keys.py", line 3\n'
+           f'  File "{REPO}2/blora/formats/keys.py", line 3\n'
            "Error while calling comfy_entrypoint in custom_nodes.comfyui-blora-extra: boom\n")
     assert pack_failure_lines(log, DIRS, "comfyui-blora") == []

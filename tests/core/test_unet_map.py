@@ -4,7 +4,7 @@ import pytest
 
 from blora import unet_map
 from blora.blocks import SDXL_BLOCKS
-from blora.keys import resolve_module
+from blora.formats.keys import resolve_module
 
 
 @pytest.mark.parametrize("diffusers,ldm", [

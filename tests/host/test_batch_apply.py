@@ -152,7 +152,7 @@ def test_rows_map_to_images_for_joint_and_separate_cfg_calls(pack):
 def test_a_module_that_cannot_be_routed_is_refused(nodes, files, tiny_model):
     from dataclasses import replace
 
-    from blora.adapter import ModuleAdapter
+    from blora.adapters.adapter import ModuleAdapter
     from blora.errors import BLoRAError
 
     norm = f"{STYLE}.transformer_blocks.0.norm1"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from blora_testkit.dynamic import base_weight, make_lora, record, run, sample
 
-from blora.adapter import Adapter, ModuleAdapter
+from blora.adapters.adapter import Adapter, ModuleAdapter
 from blora.errors import ArchitectureError
 
 CONTENT, STYLE, LAYOUT, OUT2 = "output_blocks.0.1", "output_blocks.1.1", "input_blocks.8.1", "output_blocks.2.1"

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from blora.adapter import Adapter, ModuleAdapter, delta_weight
-from blora.files import read_adapter, write_adapter
+from blora.adapters.adapter import Adapter, ModuleAdapter, delta_weight
+from blora.formats.files import read_adapter, write_adapter
 
 CONV = "output_blocks.1.0.in_layers.2"  # tiny model: a 3x3 conv, out 128, in 256
 

@@ -11,7 +11,7 @@ import torch
 from blora_testkit.dynamic import base_weight, make_lora, record, run, sample
 
 from blora.errors import ScheduleError
-from blora.schedule import parse_schedule, strength_at
+from blora.compose.strength_schedule import parse_schedule, strength_at
 
 CONTENT_KEY = "output_blocks.0.1.transformer_blocks.0.attn1.to_q"
 STYLE_KEY = "output_blocks.1.1.transformer_blocks.0.attn2.to_k"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from blora_testkit.dynamic import make_lora, run, sample
 
-from blora.adapter import Adapter, delta_weight
+from blora.adapters.adapter import Adapter, delta_weight
 from blora.errors import BLoRAError, BlockNameError, UnsafePathError
-from blora.files import read_adapter
+from blora.formats.files import read_adapter
 
 CONTENT, STYLE, LAYOUT, OUT2 = "output_blocks.0.1", "output_blocks.1.1", "input_blocks.8.1", "output_blocks.2.1"
 

@@ -18,8 +18,9 @@ from blora_testkit.train_fixtures import model, node, one_thread, vae  # noqa: F
 from blora_testkit.tiny_sdxl import tiny_conditioning
 
 from blora.errors import ArchitectureError, BLoRAError, UnsafePathError
-from blora.files import read_adapter
-from blora.trainable import Trainable, TrainableLoRA
+from blora.formats.files import read_adapter
+from blora.adapters.trainable import Trainable
+from blora.adapters.kinds.lora import TrainableLoRA
 
 INPUTS = ["model", "vae", "images", "positive", "training_set", "blocks", "layer_filter", "rank", "alpha", "algorithm",
           "learning_rate", "steps", "resolution", "seed", "training_dtype", "filename_prefix", "seeds", "seed_draws",
@@ -257,7 +258,7 @@ def test_samples_encode_once_with_sdxl_size_conditioning_from_the_image(model, v
 
 def test_odd_images_train_rgba_grayscale_16_bit_and_mixed_sizes(model, vae, host_dirs):
     from blora.host.train import train_blora
-    from blora.training import TrainConfig
+    from blora.train.recipe import TrainConfig
 
     images = [torch.rand(1, 40, 56, 4), torch.rand(1, 64, 48, 1), torch.randint(0, 65536, (1, 48, 48, 3))]
     with torch.inference_mode():
@@ -355,7 +356,7 @@ def blue_rows(img, x0, x1) -> list[int]:
 
 
 def test_losses_go_to_the_loss_map_the_file_the_load_summary_and_plot_loss_graph(node, model, vae, host_dirs, pack):
-    from blora.loss_history import LOSS_KEY, losses_in
+    from blora.train.loss_history import LOSS_KEY, losses_in
 
     loader = importlib.import_module(pack.__name__ + ".nodes.load").BLoRALoader
     _, _, ui = train(node, model, vae, steps=3, save_every=2)

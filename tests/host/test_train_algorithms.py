@@ -13,10 +13,10 @@ from blora_testkit.nodes import run_node
 from blora_testkit.train_fixtures import model, node, one_thread, vae  # noqa: F401
 from blora_testkit.tiny_sdxl import tiny_conditioning
 
-from blora.algorithms import REGISTRY
+from blora.train.algorithms import REGISTRY
 from blora.errors import BLoRAError
-from blora.files import read_adapter
-from blora.inspect import inspect_adapter
+from blora.formats.files import read_adapter
+from blora.formats.report import inspect_adapter
 
 FAST = dict(blocks="content+style", layer_filter="", rank=4, alpha=4.0, algorithm="LoRA", rslora=False,
             learning_rate=1e-2, loraplus_ratio=1.0, optimizer="AdamW", weight_decay=1e-4, steps=3, batch_size=1,

@@ -9,7 +9,7 @@ from blora_testkit.nodes import run_node
 from blora_testkit.train_fixtures import model, node, one_thread, vae  # noqa: F401
 from blora_testkit.tiny_sdxl import tiny_conditioning
 
-from blora.files import read_adapter
+from blora.formats.files import read_adapter
 from blora.train.previews import ValidationSettings
 
 FAST = dict(blocks="content+style", layer_filter="", rank=4, alpha=4.0, algorithm="LoRA", learning_rate=3e-2,

@@ -13,8 +13,8 @@ from blora_testkit.train_fixtures import model, node, one_thread, vae  # noqa: F
 from blora_testkit.tiny_sdxl import tiny_conditioning
 
 from blora.errors import BLoRAError
-from blora.files import read_adapter
-from blora.kinds.lora import TrainableLoRA
+from blora.formats.files import read_adapter
+from blora.adapters.kinds.lora import TrainableLoRA
 
 FAST = dict(blocks="content+style", layer_filter="", rank=4, alpha=4.0, algorithm="LoRA", rslora=False,
             learning_rate=1e-2, loraplus_ratio=1.0, optimizer="AdamW", weight_decay=1e-4, steps=3, batch_size=1,

@@ -12,7 +12,7 @@ from blora_testkit.train_fixtures import model, node, one_thread, vae  # noqa: F
 from blora_testkit.tiny_sdxl import tiny_conditioning
 
 from blora.errors import BLoRAError
-from blora.files import read_adapter
+from blora.formats.files import read_adapter
 
 # Train B-LoRA's inputs before the split (the example workflows of that time are test fixtures in
 # tests/blora_testkit/old_workflows).
@@ -42,7 +42,7 @@ def schema_inputs(cls) -> dict:
 
 
 def test_node_and_settings_nodes_hold_every_old_input_with_the_recipe_defaults(node, settings):
-    from blora.training import TrainConfig
+    from blora.train.recipe import TrainConfig
 
     main = schema_inputs(node)
     groups = {key: schema_inputs(cls) for key, cls in zip(settings.GROUPS, settings.SETTINGS_NODES)}

@@ -3,9 +3,9 @@ and exactly the weight delta the core computes."""
 import pytest
 import torch
 
-from blora.adapter import Adapter, ModuleAdapter, delta_weight
-from blora.files import read_adapter, write_adapter
-from blora.keys import to_canonical
+from blora.adapters.adapter import Adapter, ModuleAdapter, delta_weight
+from blora.formats.files import read_adapter, write_adapter
+from blora.formats.keys import to_canonical
 from blora_testkit.dialects import TINY_ATTN_SHAPES, make_state_dict
 
 RESNET_CONV = "output_blocks.1.0.in_layers.2"  # a 3x3 conv outside the attention blocks

@@ -14,7 +14,7 @@ lycoris = pytest.importorskip("lycoris")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from blora.files import read_adapter, write_adapter  # noqa: E402
+from blora.formats.files import read_adapter, write_adapter  # noqa: E402
 from blora_testkit.interop import (assert_same_deltas, diffusers_to_ldm, fresh_linears, library_deltas,  # noqa: E402
                                    pack_deltas, randomize_, view)
 

@@ -11,7 +11,7 @@ peft = pytest.importorskip("peft")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from blora.files import read_adapter, write_adapter  # noqa: E402
+from blora.formats.files import read_adapter, write_adapter  # noqa: E402
 from blora_testkit.interop import (TARGETS, assert_same_deltas, library_deltas, pack_deltas, randomize_,  # noqa: E402
                                    snapshot, tiny_unet)
 

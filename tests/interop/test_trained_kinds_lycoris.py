@@ -7,7 +7,7 @@ file loader cannot take it (it always rebuilds the output-axis form and fails to
 modules are built as LyCORIS builds them for ``dora_wd`` with ``wd_on_out=False`` and the file's tensors loaded into
 them (``load_state_dict``, strict).
 
-The adapters are made, moved off their zero start and exported by the trainer's own code (``blora.algorithms``:
+The adapters are made, moved off their zero start and exported by the trainer's own code (``blora.train.algorithms``:
 ``new_adapters`` → ``export`` → ``write_adapter`` in the kohya dialect, as ``Train B-LoRA`` saves); the host layer
 shows that stock ComfyUI renders those files as the trained MODEL. Here: the same files through LyCORIS."""
 from __future__ import annotations
@@ -19,10 +19,10 @@ lycoris = pytest.importorskip("lycoris")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from blora.adapter import Adapter, delta_weight  # noqa: E402
-from blora.algorithms import REGISTRY, export, new_adapters  # noqa: E402
-from blora.files import read_adapter, write_adapter  # noqa: E402
-from blora.training import TrainConfig  # noqa: E402
+from blora.adapters.adapter import Adapter, delta_weight  # noqa: E402
+from blora.train.algorithms import REGISTRY, export, new_adapters  # noqa: E402
+from blora.formats.files import read_adapter, write_adapter  # noqa: E402
+from blora.train.recipe import TrainConfig  # noqa: E402
 
 # Canonical paths with SDXL's attention Linears at two tiny widths (out, in): square, and cross-attention (k from a
 # 64-wide context).

@@ -212,7 +212,7 @@ def _results(server, pid: str) -> dict:
     for nid, files in server.outputs_by_node(pid).items():
         for i, f in enumerate(sorted(files)):
             if f.suffix == ".safetensors":  # Save B-LoRA: the adapter file, read back by the pack's reader
-                from blora.files import read_adapter
+                from blora.formats.files import read_adapter
 
                 out[(nid, i)] = sorted(read_adapter(f).modules)
                 continue
@@ -246,8 +246,8 @@ def test_a_captioned_folder_trains_in_buckets_and_its_loss_is_plotted_and_kept(s
     """train_from_folder with batches of 2 (the folder's 3 sizes fall into 3 buckets): the trained file records
     every step's loss, Load B-LoRA's summary and loss_map give them back, and the host's Plot Loss Graph draws
     both the live LOSS_MAP and the file's."""
-    from blora.files import read_adapter
-    from blora.loss_history import losses_in
+    from blora.formats.files import read_adapter
+    from blora.train.loss_history import losses_in
 
     graph, _ = prepare(server, "train_from_folder")
     train_id = next(k for k, n in graph.items() if n["class_type"] == "BLoRATrain")
@@ -276,8 +276,8 @@ def test_the_hosts_own_dataset_loader_feeds_training_through_training_set(server
     """The host's folder loader (0.33: Load Image-Text (from Folder) + a CLIP Text Encode per caption, a list;
     0.3.64: Load Image and Text Dataset from Folder, a batch resized to the first image + one conditioning per
     image) -> B-LoRA Training Set -> Train B-LoRA: the run trains every step on those images."""
-    from blora.files import read_adapter
-    from blora.loss_history import losses_in
+    from blora.formats.files import read_adapter
+    from blora.train.loss_history import losses_in
 
     folder = "host_loader_set"
     captioned = {name: (size, caption or "A [v] sitting") for name, (size, caption) in TRAINING_FOLDER.items()}

@@ -103,7 +103,7 @@ def old_workflow(server, name: str) -> tuple[dict, str]:
 
 
 def test_a_workflow_saved_before_the_split_trains_with_the_same_settings(server):
-    from blora.files import read_adapter
+    from blora.formats.files import read_adapter
 
     write_png(server.input_dir / "subject.png")
     graph, train_id = old_workflow(server, "train_then_apply")

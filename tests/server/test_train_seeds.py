@@ -69,7 +69,7 @@ def test_seeds_train_in_one_prompt_and_sample_side_by_side(server):
     assert ui["seeds"] == [7, 8] and [len(v) for v in ui["seed_losses"]] == [3, 3]
     assert [e["losses"] for e in events] == [list(v) for v in zip(*ui["seed_losses"])]
 
-    from blora.files import read_adapter
+    from blora.formats.files import read_adapter
 
     a, b = (read_adapter(folder / f) for f in files)
     path = sorted(a.modules)[0]

@@ -15,11 +15,11 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from . import unet_map
-from .adapter import Adapter, ModuleAdapter
+from .. import unet_map
+from ..adapters.adapter import Adapter, ModuleAdapter
 from .dialects import (BY_NAME, DIALECTS, PEFT_COMPONENTS, PREFIXES, SUFFIXES_LONGEST_FIRST, WRAPPER_PREFIX,
                        WRITABLE, Dialect)
-from .errors import AdapterFileError, BLoRAError
+from ..errors import AdapterFileError, BLoRAError
 from .metadata import trigger_of
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""blora.image_pipeline and blora.train_dataset: kornia resize/flip/crop/jitter, folders of captioned images,
+"""blora.train.augment and blora.train.dataset: kornia resize/flip/crop/jitter, folders of captioned images,
 training views and aspect-ratio buckets (torch only)."""
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from blora.errors import BLoRAError, UnsafePathError
-from blora.image_pipeline import color_jitter, hflip, random_crop_box, resize
-from blora.train_dataset import (AUGMENTED_VIEWS, MIN_CROP_AREA, TrainingSet, bucket_groups, folder_images,
+from blora.train.augment import color_jitter, hflip, random_crop_box, resize
+from blora.train.dataset import (AUGMENTED_VIEWS, MIN_CROP_AREA, TrainingSet, bucket_groups, folder_images,
                                  sample_bucketed_batch, subfolder, training_views)
-from blora.training import sample_batch
+from blora.train.recipe import sample_batch
 
 
 def ramp(h: int, w: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import ScheduleError
+from ..errors import ScheduleError
 
 _SEPARATORS = re.compile(r"[,;\n]")
 STRENGTH_LIMIT = 100.0

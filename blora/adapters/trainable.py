@@ -18,7 +18,7 @@ from typing import ClassVar, Mapping
 import torch
 
 from ..errors import BLoRAError
-from .base import KINDS, ModuleAdapter
+from .kinds.base import KINDS, ModuleAdapter
 
 DORA_EPS = torch.finfo(torch.float32).eps
 

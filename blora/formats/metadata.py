@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Mapping
 
-from .errors import BLoRAError
+from ..errors import BLoRAError
 
 FORMAT = "comfyui-blora 1"
 

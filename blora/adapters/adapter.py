@@ -1,6 +1,6 @@
 """The in-memory form every dialect is read into, and pure tensor operations on it.
 
-Each module is a ``ModuleAdapter`` of one kind (``blora.kinds``). Module paths are canonical: UNet modules by their
+Each module is a ``ModuleAdapter`` of one kind (``blora.adapters.kinds``). Module paths are canonical: UNet modules by their
 LDM path inside the diffusion model (``output_blocks.1.1.transformer_blocks.3.attn2.to_k``), text-encoder modules
 with a ``te1:`` / ``te2:`` prefix and their transformers path (``te1:text_model.encoder.layers.0.self_attn.q_proj``).
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
-from .blocks import SDXL_BLOCKS, Block, block_of, resolve_block
-from .errors import ArchitectureError, BLoRAError
+from ..blocks import SDXL_BLOCKS, Block, block_of, resolve_block
+from ..errors import ArchitectureError, BLoRAError
 from .kinds import ModuleAdapter, delta_weight
 
 __all__ = ["Adapter", "ModuleAdapter", "delta_weight", "select", "merge", "check_fits"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from .adapter import Adapter
-from .blocks import block_of
-from .kinds import KINDS
-from .loss_history import training_summary
+from ..adapters.adapter import Adapter
+from ..blocks import block_of
+from ..adapters.kinds import KINDS
+from ..train.loss_history import training_summary
 
 KIND_NAMES = {name: kind.label for name, kind in KINDS.items()}
 

@@ -3,8 +3,8 @@ import json
 
 import torch
 
-from blora.inspect import AdapterReport, inspect_adapter
-from blora.keys import to_canonical
+from blora.formats.report import AdapterReport, inspect_adapter
+from blora.formats.keys import to_canonical
 from blora_testkit.dialects import TINY_ATTN_SHAPES, blora_shapes, make_state_dict
 
 PAIR = blora_shapes(TINY_ATTN_SHAPES)

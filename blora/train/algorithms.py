@@ -1,6 +1,6 @@
 """The training algorithms of Train B-LoRA, as data: how each makes, continues and exports its trainable adapters.
 
-| algorithm | trainable (``blora.kinds``, ``blora.adalora``)  | saved as (kohya / LyCORIS keys)                       |
+| algorithm | trainable (``blora.adapters.kinds``, ``blora.train.adalora``)  | saved as (kohya / LyCORIS keys)                       |
 |-----------|------------------------------------------------|-------------------------------------------------------|
 | LoRA      | TrainableLoRA                                  | lora_down, lora_up, alpha                             |
 | DoRA      | TrainableLoRA with a (1, in) magnitude          | + dora_scale (1, in): stock ComfyUI renders it exactly |
@@ -17,14 +17,14 @@ from typing import Callable, Mapping
 
 import torch
 
-from .adalora import RankAllocator, TrainableSVD, schedule_for
-from .adapter import Adapter, ModuleAdapter
-from .errors import BLoRAError
-from .kinds.loha import LoHa, TrainableLoHa
-from .kinds.lokr import LoKr, TrainableLoKr
-from .kinds.lora import LoRA, TrainableLoRA
-from .kinds.trainable import Trainable
-from .training import ALGORITHMS, TrainConfig
+from .adalora import RankAllocator, TrainableSVD, budget_schedule
+from ..adapters.adapter import Adapter, ModuleAdapter
+from ..errors import BLoRAError
+from ..adapters.kinds.loha import LoHa, TrainableLoHa
+from ..adapters.kinds.lokr import LoKr, TrainableLoKr
+from ..adapters.kinds.lora import LoRA, TrainableLoRA
+from ..adapters.trainable import Trainable
+from .recipe import ALGORITHMS, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,8 @@ def rank_allocator(adapters: Mapping[str, Trainable], config: TrainConfig) -> Ra
     if not REGISTRY[config.algorithm].adaptive:
         return None
     initial = sum(a.capacity for a in adapters.values())
-    schedule = schedule_for(initial, len(adapters), config.adalora_target, config.steps,
-                            config.adalora_warmup, config.adalora_final, config.adalora_interval)
+    schedule = budget_schedule(initial, len(adapters), config.adalora_target, config.steps,
+                               config.adalora_warmup, config.adalora_final, config.adalora_interval)
     return RankAllocator(adapters, schedule, config.adalora_orth_reg)
 
 

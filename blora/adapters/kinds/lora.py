@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BLoRAError
+from ...errors import BLoRAError
 from .base import Kind, LowRank, ModuleAdapter, Tensors, register
-from .trainable import DORA_EPS, Trainable, column_norm, initial_magnitude  # noqa: F401
+from ..trainable import DORA_EPS, Trainable, column_norm, initial_magnitude  # noqa: F401
 
 # How a fresh adapter's down matrix is drawn (up always starts at zero, so W' = W at step 0):
 #   gaussian: normal, std 1/rank (the original B-LoRA training: diffusers LoRALinearLayer, PEFT

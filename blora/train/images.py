@@ -6,7 +6,7 @@ IMAGE tensors in ComfyUI are (B, H, W, C) float in [0, 1]. Odd inputs are handle
 - integer tensors are scaled by their range (uint8: 255; wider integers hold 16-bit data: 65535); float values a
   little outside [0, 1] are clamped, values far outside are refused (likely 0-255 data);
 - size: each image is resized on its own so its short side is ``resolution`` (aspect kept), each side rounded to
-  a multiple of ``multiple`` (the latent grid), with antialiasing (kornia, ``blora.image_pipeline``); no crop.
+  a multiple of ``multiple`` (the latent grid), with antialiasing (kornia, ``blora.train.augment``); no crop.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import BLoRAError
-from .image_pipeline import resize
+from ..errors import BLoRAError
+from .augment import resize
 
 INTEGER_RANGES = {torch.uint8: 255.0, torch.int16: 65535.0, torch.int32: 65535.0, torch.int64: 65535.0,
                   **({torch.uint16: 65535.0} if hasattr(torch, "uint16") else {})}
@@ -76,7 +76,7 @@ def unit_rgb(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor
 def prepare_images(images: torch.Tensor | Sequence[torch.Tensor], resolution: int,
                    multiple: int = 8) -> list[torch.Tensor]:
     """One (H', W', 3) float32 image in [0, 1] per input image, each resized to the training size (antialiased
-    bicubic, ``image_pipeline.resize``).
+    bicubic, ``blora.train.augment.resize``).
 
     images: an IMAGE tensor (B, H, W, C) or a sequence of (H, W, C) / (B, H, W, C) tensors of any sizes."""
     return [resize(rgb, training_size(rgb.shape[0], rgb.shape[1], resolution, multiple)).contiguous()

@@ -17,9 +17,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping
 
-from .adapter import Adapter, select
-from .blocks import Block, role_block, resolve_block
-from .errors import BLoRAError, BlockNameError, ScheduleError
+from ..adapters.adapter import Adapter, select
+from ..blocks import Block, role_block, resolve_block
+from ..errors import BLoRAError, BlockNameError, ScheduleError
 
 DEFAULT_KEY = "default"
 

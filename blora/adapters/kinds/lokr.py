@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .base import KINDS, Kind, Tensors, mm, register, tucker
-from .trainable import Trainable, initial_magnitude, kaiming_uniform
+from ..trainable import Trainable, initial_magnitude, kaiming_uniform
 
 
 @register

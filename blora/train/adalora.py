@@ -21,10 +21,10 @@ from typing import Mapping
 
 import torch
 
-from .errors import BLoRAError
-from .kinds.base import ModuleAdapter
-from .kinds.lora import LoRA
-from .kinds.trainable import Trainable
+from ..errors import BLoRAError
+from ..adapters.kinds.base import ModuleAdapter
+from ..adapters.kinds.lora import LoRA
+from ..adapters.trainable import Trainable
 
 BETA1 = BETA2 = 0.85  # PEFT AdaLoraConfig defaults
 INIT_STD = 0.02
@@ -187,8 +187,8 @@ class RankAllocator:
         return {path: a.rank for path, a in self.adapters.items()}
 
 
-def schedule_for(initial: int, num_modules: int, target_rank: int, steps: int, warmup: float, final: float,
-                 interval: int) -> BudgetSchedule:
+def budget_schedule(initial: int, num_modules: int, target_rank: int, steps: int, warmup: float, final: float,
+                    interval: int) -> BudgetSchedule:
     """The budget schedule of a run: ``initial`` total rank (rank · modules, or a resumed file's sum) → target
     rank · modules (never above initial); warmup and final are fractions of the steps."""
     return BudgetSchedule(initial=initial, target=min(initial, target_rank * num_modules), steps=steps,

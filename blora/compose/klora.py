@@ -35,7 +35,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .errors import BLoRAError
+from ..errors import BLoRAError
 
 TRIM_FACTOR = 3.0
 

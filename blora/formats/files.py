@@ -23,9 +23,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .adapter import Adapter, delta_weight
+from ..adapters.adapter import Adapter, delta_weight
 from .dialects import BY_NAME
-from .errors import AdapterFileError, UnsafePathError
+from ..errors import AdapterFileError, UnsafePathError
 from .keys import from_canonical, to_canonical
 from .metadata import written_metadata
 

@@ -1,4 +1,4 @@
-"""blora.training, blora.trainable, blora.train_images: the recipe, targets, draws, loss, optimizer groups, the
+"""blora.train.recipe, blora.adapters.trainable, blora.train.images: the recipe, targets, draws, loss, optimizer groups, the
 trainable LoRA / rsLoRA / DoRA math and training-image preparation (torch only)."""
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
-from blora.adapter import ModuleAdapter
+from blora.adapters.adapter import ModuleAdapter
 from blora.errors import BLoRAError
-from blora.train_images import original_sizes, prepare_images, training_size
-from blora.trainable import DORA_EPS, TrainableLoRA
-from blora.training import (TrainConfig, diffusion_loss, make_optimizer, param_groups, sample_batch, sample_flips,
-                            sample_noise, sample_timesteps, select_targets, step_generator, training_target)
+from blora.train.images import original_sizes, prepare_images, training_size
+from blora.adapters.trainable import DORA_EPS
+from blora.adapters.kinds.lora import TrainableLoRA
+from blora.train.recipe import (TrainConfig, diffusion_loss, make_optimizer, param_groups, sample_batch, sample_flips,
+                                sample_noise, sample_timesteps, select_targets, step_generator, training_target)
 
 ATTNS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
          "attn2.to_out.0")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from blora.errors import BLoRAError
-from blora.fusion import (TIME_SCALES, content_intervals, fusion_k, plan_fusion, time_scale, top_k_sum,
-                          trimmed_gamma)
+from blora.compose.klora import (TIME_SCALES, content_intervals, fusion_k, plan_fusion, time_scale, top_k_sum,
+                                 trimmed_gamma)
 
 # The official inference script's constants (HVision-NKU/K-LoRA inference_sd.py): alpha 1.5, beta 0.5 ("s") or
 # 1.5 * 0.85 ("s*", followed by `scale % alpha`).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .base import Kind, Tensors, mm, register, tucker
-from .trainable import Trainable, initial_magnitude
+from ..trainable import Trainable, initial_magnitude
 
 NAMES = ("w1a", "w1b", "w2a", "w2b")
 

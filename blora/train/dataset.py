@@ -19,10 +19,10 @@ from typing import Sequence
 
 import torch
 
-from .errors import BLoRAError, UnsafePathError
-from .image_pipeline import Crop, color_jitter, crop, random_crop_box, resize
-from .train_images import training_size, unit_rgb
-from .training import sample_batch
+from ..errors import BLoRAError, UnsafePathError
+from .augment import Crop, color_jitter, crop, random_crop_box, resize
+from .images import training_size, unit_rgb
+from .recipe import sample_batch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 AUGMENTED_VIEWS = 4  # views encoded per image when an augmentation is on
@@ -121,7 +121,7 @@ def _augmented(image: torch.Tensor, size: tuple[int, int], random_crop: bool, ji
 def training_views(images, resolution: int, *, batch_size: int = 1, random_crop: bool = False,
                    color_jitter_strength: float = 0.0, seed: int = 0) -> list[View]:
     """The views training encodes, in image order. images: an IMAGE tensor (B, H, W, C) or a sequence of
-    IMAGE tensors of any sizes (value rules: ``train_images``)."""
+    IMAGE tensors of any sizes (value rules: ``blora.train.images``)."""
     step = BUCKET_STEP if batch_size > 1 else LATENT_STEP
     sources = unit_rgb(images)
     sizes = [training_size(s.shape[0], s.shape[1], resolution, step) for s in sources]
@@ -147,7 +147,7 @@ def bucket_groups(sizes: Sequence[tuple[int, int]]) -> list[list[int]]:
 
 def sample_bucketed_batch(groups: Sequence[Sequence[int]], batch_size: int, generator: torch.Generator) -> list[int]:
     """One micro-batch of indices from a single bucket. With one bucket this draws exactly what
-    ``training.sample_batch`` draws over all images; with several, the bucket is drawn first (probability
+    ``blora.train.recipe.sample_batch`` draws over all images; with several, the bucket is drawn first (probability
     proportional to its size), then a random permutation within it (repeated when the batch exceeds it)."""
     if len(groups) == 1:
         return [groups[0][i] for i in sample_batch(len(groups[0]), batch_size, generator)]

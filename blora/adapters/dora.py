@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .adapter import ModuleAdapter, delta_weight
-from .errors import BLoRAError
+from ..errors import BLoRAError
 
 ADAPTED = "adapted"
 

@@ -15,9 +15,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .blocks import ROLES, block_of, resolve_block
-from .errors import BLoRAError
-from .trainable import INITIALISATIONS
+from ..blocks import ROLES, block_of, resolve_block
+from ..errors import BLoRAError
+from ..adapters.kinds.lora import INITIALISATIONS
 
 # Preset name -> roles whose blocks get adapters. "custom" selects by layer_filter alone.
 BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
@@ -27,7 +27,7 @@ BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
     "content+style+layout": ("content", "style", "layout"),
     "custom": (),
 }
-ALGORITHMS = ("LoRA", "DoRA", "LoKr", "LoHa", "AdaLoRA")  # how each trains: blora.algorithms
+ALGORITHMS = ("LoRA", "DoRA", "LoKr", "LoHa", "AdaLoRA")  # how each trains: blora.train.algorithms
 LYCORIS_ALGORITHMS = ("LoKr", "LoHa")
 OPTIMIZERS = ("AdamW", "SGD")
 TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

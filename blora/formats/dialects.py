@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .kinds import KINDS
+from ..adapters.kinds import KINDS
 
-# (file suffix, adapter kind or None, canonical tensor name): each kind's own spellings (``blora.kinds``), then
+# (file suffix, adapter kind or None, canonical tensor name): each kind's own spellings (``blora.adapters.kinds``), then
 # the entries any kind may carry (kind None): bias diff, alpha, DoRA magnitude.
 SUFFIXES: tuple[tuple[str, str | None, str], ...] = tuple(
     (suffix, kind.name, name) for kind in KINDS.values() for suffix, name in kind.read_suffixes.items()) + (

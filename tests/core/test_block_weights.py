@@ -1,9 +1,9 @@
-"""Block-weights text and strength modes (blora.weights)."""
+"""Block-weights text and strength modes (blora.compose.block_weights)."""
 import pytest
 
 from blora.blocks import SDXL_BLOCKS
 from blora.errors import BlockNameError, ScheduleError
-from blora.weights import STRENGTH_MODES, effective_strength, parse_block_weights
+from blora.compose.block_weights import STRENGTH_MODES, effective_strength, parse_block_weights
 
 CONTENT_Q3 = "output_blocks.0.1.transformer_blocks.3.attn1.to_q"
 CONTENT_K3 = "output_blocks.0.1.transformer_blocks.3.attn2.to_k"
@@ -142,7 +142,7 @@ def test_strength_modes_table_and_unknown_mode():
 def _adapter(paths, source="file.safetensors"):
     import torch
 
-    from blora.adapter import Adapter, ModuleAdapter
+    from blora.adapters.adapter import Adapter, ModuleAdapter
 
     gen = torch.Generator().manual_seed(0)
     modules = {p: ModuleAdapter("lora", {"down": torch.randn(2, 8, generator=gen),
@@ -154,7 +154,7 @@ BOTH = [CONTENT_Q1, CONTENT_Q3, STYLE_V0, "te1:text_model.encoder.layers.0.self_
 
 
 def test_role_parts_take_each_block_from_its_own_file():
-    from blora.weights import role_parts
+    from blora.compose.block_weights import role_parts
 
     a, b = _adapter(BOTH, "a.safetensors"), _adapter(BOTH + [LAYOUT_O0], "b.safetensors")
     parts = role_parts({"content": (a, 0.5), "style": (b, -1.5), "layout": (None, 1.0)})
@@ -164,7 +164,7 @@ def test_role_parts_take_each_block_from_its_own_file():
 
 
 def test_role_parts_alpha_squared_mode():
-    from blora.weights import role_parts
+    from blora.compose.block_weights import role_parts
 
     a = _adapter(BOTH)
     parts = role_parts({"content": (a, 1.1), "style": (a, -0.5)}, "alpha_squared")
@@ -172,7 +172,7 @@ def test_role_parts_alpha_squared_mode():
 
 
 def test_role_parts_missing_role_names_file_and_role():
-    from blora.weights import role_parts
+    from blora.compose.block_weights import role_parts
 
     style_only = _adapter([STYLE_V0], "/models/blora/style_only.safetensors")
     with pytest.raises(ValueError, match=r"style_only.safetensors: no content block \(output_blocks.0.1, OUT0\).*"
@@ -181,7 +181,7 @@ def test_role_parts_missing_role_names_file_and_role():
 
 
 def test_block_weight_parts_group_modules_by_strength():
-    from blora.weights import block_weight_parts
+    from blora.compose.block_weights import block_weight_parts
 
     a = _adapter(BOTH + [LAYOUT_O0, MID_Q0])
     bw = parse_block_weights("content=0.5, content.transformer_blocks.3=0, style=0.5, default=2")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from blora.errors import ScheduleError
-from blora.schedule import (Keyframe, format_schedule, is_constant, parse_schedule, sampling_progress,
-                            strength_at)
+from blora.compose.strength_schedule import (Keyframe, format_schedule, is_constant, parse_schedule, sampling_progress,
+                                             strength_at)
 
 
 def test_parse_keyframes_and_constants():

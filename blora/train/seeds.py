@@ -13,8 +13,8 @@ from typing import Iterable, Sequence
 import torch
 from einops import einsum, rearrange
 
-from .errors import BLoRAError
-from .kinds.lora import TrainableLoRA
+from ..errors import BLoRAError
+from ..adapters.kinds.lora import TrainableLoRA
 
 
 def seeds_of(seed: int, count: int) -> list[int]:
@@ -25,7 +25,7 @@ def seeds_of(seed: int, count: int) -> list[int]:
 class SeedsLoRA(torch.nn.Module):
     """N LoRA adapters of one weight (out, in): down (N, r, in), up (N, out, r), float32, one scale."""
 
-    plus = TrainableLoRA.plus  # LoRA+ trains the up matrices faster (``training.param_groups``)
+    plus = TrainableLoRA.plus  # LoRA+ trains the up matrices faster (``blora.train.recipe.param_groups``)
 
     def __init__(self, singles: Sequence[TrainableLoRA]):
         super().__init__()

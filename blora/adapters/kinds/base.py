@@ -5,7 +5,7 @@ that depends on the kind goes through its ``Kind``: which tensors it holds and h
 rank, the (out, in) it adapts, shape checks, the delta, and (for kinds that can be trained) its trainable form.
 Tensors are a mapping of canonical tensor names (``down``, ``w1a``…) to tensors; ``diff_b`` (a bias difference)
 is allowed beside every kind and is never part of the delta. DoRA is not a kind: any module may carry a
-``dora_scale`` (``blora.adapter.ModuleAdapter``).
+``dora_scale`` (``blora.adapters.adapter.ModuleAdapter``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from ..errors import BLoRAError
+from ...errors import BLoRAError
 
 Tensors = Mapping[str, torch.Tensor]
 BIAS = "diff_b"

@@ -1,0 +1,1 @@
+"""Composing adapters onto a model: block weights, strength schedules, K-LoRA and the patch plan."""
