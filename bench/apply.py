@@ -32,7 +32,7 @@ def write_original_blora(path: Path, shapes: dict, rank: int, seed: int = 1) -> 
     import torch
     from safetensors.torch import save_file
 
-    from blora.blocks import role_block
+    from blora.arch.sdxl import role_block
 
     gen = torch.Generator().manual_seed(seed)
     sd = {}

@@ -32,7 +32,7 @@ def adapter(model, role: str, rank: int = 64, seed: int = 0):
     import torch
 
     from blora.adapters.adapter import Adapter, ModuleAdapter
-    from blora.blocks import ROLES
+    from blora.arch.sdxl import ROLES
     from blora.host import model_weight_shapes
 
     gen = torch.Generator().manual_seed(seed)
@@ -71,7 +71,7 @@ def bench_model(label: str, model, context_dim: int, latent_hw: int, steps: int,
     import comfy.model_management
 
     from blora.host import patched_clone
-    from blora.host.batched_lora import batched_clone
+    from blora.host.realise import batched_clone
 
     content = adapter(model, "content", seed=100)
     styles = [adapter(model, "style", seed=i) for i in range(ENTRIES)]

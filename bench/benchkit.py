@@ -124,3 +124,55 @@ def step_times(model, latent_hw: int, context_dim: int, steps: int, cfg: float) 
         comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", cond, cond, torch.zeros_like(noise),
                             callback=lambda *a: stamps.append(clock()), disable_pbar=True, seed=0)
     return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def _remade(factory, disable_dynamic=False):
+    return factory()  # in the grad mode the node is in (it makes its copy outside inference mode)
+
+
+def host_train_lora(model, latent, cond, steps: int, rank: int, dtype: str, stamp, gradient_checkpointing=True,
+                    checkpoint_depth: int = 1, offloading: bool = False, bypass: bool = False,
+                    learning_rate: float = 1e-4, factory=None) -> list[float]:
+    """The host's own TrainLoraNode (``comfy_extras/nodes_train.py``) on ``model``: a LoRA on every layer, as
+    stock trains; ``stamp()`` after every step (its loss callback). Feature checks: the V3 node of 0.33+ (inputs
+    as lists; ``checkpoint_depth``, ``offloading`` and ``bypass_mode`` where the schema has them) or the older
+    ``train`` method (0.3.64: none of the three). 0.33's node trains on a fresh copy of the model that it makes
+    through the patcher's ``cached_patcher_init`` (a core loader sets it): ``factory()`` makes the model again for
+    a patcher built here. Returns the losses."""
+    import inspect
+
+    import torch
+    from comfy_extras import nodes_train
+
+    init = nodes_train.TrainSampler.__init__
+
+    def timed_init(self, loss_fn, optimizer, loss_callback=None, **kwargs):
+        init(self, loss_fn, optimizer, loss_callback=lambda loss: (stamp(), loss_callback(loss)), **kwargs)
+
+    nodes_train.TrainSampler.__init__ = timed_init
+    if factory is not None and getattr(model, "cached_patcher_init", False) is None:
+        model.cached_patcher_init = (_remade, (factory,))
+    node = nodes_train.TrainLoraNode
+    settings = dict(batch_size=1, steps=steps, grad_accumulation_steps=1, learning_rate=learning_rate, rank=rank,
+                    optimizer="AdamW", loss_function="MSE", seed=0, training_dtype=dtype, lora_dtype="fp32",
+                    algorithm="LoRA", gradient_checkpointing=gradient_checkpointing, existing_lora="[None]")
+    try:
+        with torch.inference_mode():
+            if hasattr(node, "train"):  # 0.3.64
+                if bypass or offloading:
+                    raise RuntimeError("this host's TrainLoraNode has no bypass mode or offloading")
+                out = node().train(model, {"samples": latent}, cond, **settings)
+                return out[2]["loss"]
+            params = inspect.signature(node.execute).parameters
+            extra = {"checkpoint_depth": checkpoint_depth, "offloading": offloading, "bypass_mode": bypass,
+                     "bucket_mode": False, "quantized_backward": False}
+            missing = [k for k, v in extra.items() if v and k not in params]
+            if missing:
+                raise RuntimeError(f"this host's TrainLoraNode has no {', '.join(missing)}")
+            settings.update({k: v for k, v in extra.items() if k in params})
+            inputs = {k: [v] for k, v in settings.items()}
+            out = node.execute(model=[model], latents=[{"samples": latent}], positive=[cond], **inputs)
+            result = out.result if hasattr(out, "result") else out
+            return [float(v) for v in result[1]["loss"]]
+    finally:
+        nodes_train.TrainSampler.__init__ = init

@@ -226,8 +226,8 @@ def run_model(kind: str, patcher, context_dim: int, size: int, tensors: dict, re
     import torch
     from blora_testkit.dynamic import make_lora
 
-    from blora.host.dynamic import fused_clone, scheduled_clone
-    from blora.host.patch import patched_clone
+    from blora.host.realise import fused_clone, scheduled_clone
+    from blora.host.realise import patched_clone
     from blora.host.train import train_blora
     from blora.compose.strength_schedule import parse_schedule
     from blora.train.recipe import TrainConfig
@@ -279,7 +279,7 @@ def run_model(kind: str, patcher, context_dim: int, size: int, tensors: dict, re
 
     stage("train", lambda: train("train"))
     if diagnostics and results.get("dynamic_enabled"):
-        import blora.host.dynamic as dyn
+        import blora.host.compat as dyn
         import blora.host.train as tr
 
         keep, restream = dyn.keep_weight_functions, tr.restream_weights

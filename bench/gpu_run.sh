@@ -38,9 +38,16 @@ for f in "$TMPDIR"/blora-gpu-check-*/*.json "$TMPDIR"/blora-gpu-check-*/*.log; d
   [ -f "$f" ] && { echo "=== $f"; cat "$f"; }
 done > "$OUT/gpu_check_workers.txt"
 
+# Train B-LoRA's GPU benchmark (issue 16): its own table, bench/RESULTS-gpu-train.txt.
+t0=$SECONDS
+timeout "${GPU_BENCH_S:-480}" "$PYTHON" bench/gpu_bench.py --timeout "${GPU_BENCH_MODE_S:-230}" \
+  --out "$OUT/RESULTS-gpu-train.txt" > "$OUT/gpu_bench.log" 2>&1
+echo "gpu_bench exit $? after $((SECONDS - t0)) s" >> "$OUT/gpu_bench.log"
+cat "$OUT/gpu_bench.log"
+
 # Other benchmarks that run on CUDA (they say so by naming it), each capped; all in one file.
 for b in bench/*.py; do
-  case $(basename "$b") in gpu_check.py|benchkit.py) continue ;; esac
+  case $(basename "$b") in gpu_check.py|gpu_bench.py|benchkit.py) continue ;; esac
   grep -q "cuda" "$b" || continue
   echo "=== $b"
   args=(); "$PYTHON" "$b" --help 2>/dev/null | grep -q -- "--device" && args=(--device cuda)

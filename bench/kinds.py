@@ -135,7 +135,7 @@ def full_sizes(args) -> list[str]:
                 for name, shape in (("to_q", (c, c)), ("to_k", (c, k_in)), ("to_v", (c, k_in)),
                                     ("to_out.0", (c, c))):
                     shapes[f"{block}.transformer_blocks.{t}.{attn}.{name}"] = shape
-    sizes, folder = {}, Path(tempfile.mkdtemp(prefix="blora-bench-"))
+    sizes, folder, lokr_shapes = {}, Path(tempfile.mkdtemp(prefix="blora-bench-")), {}
     for algorithm in ALGORITHMS:
         config = TrainConfig(rank=args.full_rank, alpha=float(args.full_rank), algorithm=algorithm)
         adapters = new_adapters({p: torch.zeros(s) for p, s in shapes.items()}, config)
@@ -144,10 +144,17 @@ def full_sizes(args) -> list[str]:
                 for a in adapters.values():
                     a.singular.fill_(1.0)
                     a.singular[config.adalora_target:] = 0.0
-        path = write_adapter(Adapter(modules=export(adapters, torch.float16)), folder, algorithm, dialect="kohya")
+        exported = export(adapters, torch.float16)
+        if algorithm == "LoKr":  # the factors each weight shape gets, as written
+            for p, m in exported.items():
+                lokr_shapes.setdefault(shapes[p], {k: tuple(t.shape) for k, t in m.tensors.items() if k != "alpha"})
+        path = write_adapter(Adapter(modules=exported), folder, algorithm, dialect="kohya")
         sizes[algorithm] = path.stat().st_size
     line = ", ".join(f"{a} {sizes[a] / 2 ** 20:.1f} MiB ({sizes[a] / sizes['LoRA']:.2f}x)" for a in ALGORITHMS)
-    return [f"(b) file size at full SDXL widths, content+style (160 Linears), rank {args.full_rank}, fp16: {line}"]
+    factors = "; ".join(f"{o}x{i}: " + ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in t.items())
+                        for (o, i), t in lokr_shapes.items())
+    return [f"(b) file size at full SDXL widths, content+style (160 Linears), rank {args.full_rank}, fp16: {line}",
+            f"    LoKr tensors per weight shape (out x in): {factors}"]
 
 
 def main() -> None:
@@ -161,9 +168,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--out", default=str(RESULTS), help="where the table is written")
+    p.add_argument("--sizes-only", action="store_true",
+                   help="recompute only the full-width file sizes (b), keeping the measured table (a) in --out")
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.sizes_only:
+        kept = [ln for ln in Path(args.out).read_text().splitlines() if not ln.startswith(("(b)", "    LoKr"))]
+        text = "\n".join(kept + full_sizes(args))
+        print(text)
+        Path(args.out).write_text(text + "\n")
+        return None
     lines = [f"bench/kinds.py on {platform.machine()} {os.cpu_count()} CPU(s), torch threads {args.threads}, "
              f"{time.strftime('%Y-%m-%d %H:%M')}; CPU time is the steadier figure on a shared machine"]
     lines += tiny_table(measure(args), args)

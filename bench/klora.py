@@ -51,7 +51,7 @@ def lora(model, rank: int, seed: int, up_std: float):
 def bench_model(label: str, model, context_dim: int, runs: list[tuple[int, int]], repeats: int) -> list[dict]:
     """One row per (latent size, steps) in ``runs``; the clones are built once."""
     from blora.host import patched_clone
-    from blora.host.dynamic import fused_clone
+    from blora.host.realise import fused_clone
 
     subject, style = lora(model, 8, 1, 0.02), lora(model, 8, 2, 0.03)
     progress(f"{label}: {len(subject.modules)} layers in each LoRA; building the clones")

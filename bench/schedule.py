@@ -30,7 +30,7 @@ def blora(model, rank: int = 64, seed: int = 3):
     import torch
 
     from blora.adapters.adapter import Adapter, ModuleAdapter
-    from blora.blocks import ROLES
+    from blora.arch.sdxl import ROLES
     from blora.host import model_weight_shapes
 
     gen = torch.Generator().manual_seed(seed)
@@ -45,7 +45,8 @@ def blora(model, rank: int = 64, seed: int = 3):
 
 
 def bench_model(label: str, model, context_dim: int, latent_hw: int, steps: int, repeats: int) -> dict:
-    from blora.host.dynamic import scheduled_clone
+    from blora.host.compat import weight_functions
+    from blora.host.realise import scheduled_clone
     from blora.compose.strength_schedule import parse_schedule
 
     adapter = blora(model)
@@ -61,7 +62,7 @@ def bench_model(label: str, model, context_dim: int, latent_hw: int, steps: int,
             progress(f"{label}: sampling {name}, round {i + 1}/{repeats}")
             times[name] += step_times(clone, latent_hw, context_dim, steps, cfg=2.0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"label": f"{label}, {steps} steps", "layers": len(scheduled.weight_wrapper_patches),
+    return {"label": f"{label}, {steps} steps", "layers": len(weight_functions(scheduled)),
             "setup_constant": t1 - t0, "setup_scheduled": t2 - t1, "step_constant": med["constant"],
             "step_scheduled": med["scheduled"], "ratio": med["scheduled"] / med["constant"]}
 

@@ -14,17 +14,12 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
 from .adapters.adapter import merge, select
-from .blocks import resolve_block
+from .arch import resolve_blocks
 from .formats.dialects import WRITABLE
 from .errors import BLoRAError
-from .formats.files import read_adapter, write_adapter
+from .formats.files import DTYPES, read_adapter, write_adapter
 from .formats.report import inspect_adapter
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
 
 def _inspect(args: argparse.Namespace) -> int:
     failed = 0
@@ -42,9 +37,14 @@ def _inspect(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _part_name(name: str) -> str:
-    block = resolve_block(name)
-    return block.role or block.slot.lower()
+def _part_name(name: str, arch) -> str:
+    blocks = resolve_blocks(name, arch)
+    if len(blocks) > 1 or name.strip().lower() in (arch.roles if arch else {}):
+        return name.strip().lower()  # a role or preset (FLUX content = single_blocks.0-9)
+    block = blocks[0]
+    if block.arch == "sdxl" and block.role:  # an SDXL role is one block: named by its role, as before FLUX
+        return block.role
+    return block.slot.lower()
 
 
 def _split(args: argparse.Namespace) -> int:
@@ -55,10 +55,13 @@ def _split(args: argparse.Namespace) -> int:
         raise BLoRAError("--roles is empty: name at least one role or block (content, style, layout, OUT1 ...)")
     parts = {}
     for name in names:
+        arch = adapter.architecture
         part = select(adapter, [name])
         if not part.modules:
-            raise BLoRAError(f"{args.file}: holds no module in block {name!r} ({resolve_block(name).ldm})")
-        parts[_part_name(name)] = part
+            blocks = resolve_blocks(name, arch)
+            where = blocks[0].ldm if len(blocks) == 1 else f"{blocks[0].ldm} … {blocks[-1].ldm}"
+            raise BLoRAError(f"{args.file}: holds no module in block {name!r} ({where})")
+        parts[_part_name(name, arch)] = part
     stem = re.sub(r"\.safetensors$", "", Path(args.file).name, flags=re.I)
     for suffix, part in parts.items():
         print(write_adapter(part, out_dir, f"{stem}_{suffix}", dialect=args.format, dtype=DTYPES.get(args.dtype)))
@@ -84,7 +87,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m blora", description="Inspect, split, merge and convert B-LoRA and "
-                                "SDXL LoRA files (safetensors, any key dialect).")
+                                "SDXL / FLUX.1 LoRA files (safetensors, any key dialect).")
     sub = p.add_subparsers(dest="command", required=True)
     fmt = dict(choices=WRITABLE, default="kohya", help="key dialect to write (default: kohya, what stock ComfyUI "
                                                         "and A1111 load)")
@@ -100,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                        "(FILE_<role>.safetensors), e.g. the content and style blocks of any SDXL LoRA.")
     s.add_argument("file", metavar="FILE")
     s.add_argument("--roles", required=True, help="comma list of roles or blocks: content,style,layout or any "
-                   "block name (OUT1, output_blocks.1.1, up_blocks.0.attentions.1)")
+                   "block name (OUT1, output_blocks.1.1, up_blocks.0.attentions.1; FLUX.1: content, style, "
+                   "boundary, single_blocks.12, S12, double_blocks.3)")
     s.add_argument("--out-dir", help="folder for the files (default: FILE's folder)")
     s.add_argument("--format", **fmt)
     s.add_argument("--dtype", **dtype)

@@ -23,9 +23,12 @@ class BLoRAApply(io.ComfyNode):
             node_id="BLoRAApply", display_name="Apply B-LoRA", category="B-LoRA",
             description="Patch an SDXL model with the content block (output_blocks.0.1) of one B-LoRA, the style "
                         "block (output_blocks.1.1) of another and optionally a layout block (input_blocks.8.1), "
-                        "each with its own strength. Returns a patched clone; the input model is not changed.",
+                        "each with its own strength; or a FLUX.1 model with the content blocks (single_blocks.0-9) "
+                        "and style blocks (single_blocks.10-37) SplitFlux found. Returns a patched clone; the input "
+                        "model is not changed.",
             inputs=[
-                io.Model.Input("model", tooltip="SDXL-architecture model; a patched clone is returned."),
+                io.Model.Input("model", tooltip="SDXL- or FLUX.1-architecture model (the adapters' own); a patched "
+                                                "clone is returned."),
                 *role_inputs(),
                 *role_strength_inputs(),
             ],
@@ -48,20 +51,23 @@ class BLoRABlockWeights(io.ComfyNode):
             description="Apply every module of an adapter with a strength per block (or per transformer block, "
                         "attention or projection inside a block), written as text.",
             inputs=[
-                io.Model.Input("model", tooltip="SDXL-architecture model; a patched clone is returned."),
+                io.Model.Input("model", tooltip="SDXL- or FLUX.1-architecture model (the adapters' own); a patched "
+                                                "clone is returned."),
                 BLoRA.Input("blora", tooltip="The adapter to apply (all of its blocks)."),
                 io.String.Input("weights", multiline=True, default=WEIGHTS_EXAMPLE,
                                 tooltip="Entries name=value, separated by commas or new lines; # starts a comment. "
                                         "Names: content, style, layout, LBW slots (IN04 … OUT5), LDM or diffusers "
                                         "block names, optionally followed by a sub-path such as "
-                                        ".transformer_blocks.3.attn2. default=… sets unlisted blocks (1.0 if "
-                                        "not given). The most specific entry wins."),
+                                        ".transformer_blocks.3.attn2; for FLUX.1: content, style, boundary, "
+                                        "double_blocks.N, single_blocks.N (S12), sub-paths such as .linear1 or "
+                                        ".img_attn.qkv. default=… sets unlisted blocks (1.0 if not given). The "
+                                        "most specific entry wins."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the adapter applied at the given block strengths.")])
 
     @classmethod
     def execute(cls, model: io.Model.Type, blora: Adapter, weights: str) -> io.NodeOutput:
-        block_weights = parse_block_weights(weights)
+        block_weights = parse_block_weights(weights, blora.architecture)
         for entry in block_weights.unused(blora.modules):
             log.warning("%s: block weights entry %r (%s) matches no module of this file", blora.source,
                         entry.text, entry.position)

@@ -10,7 +10,7 @@ from einops import rearrange
 
 from ..blora.adapters.adapter import Adapter
 from ..blora.errors import BLoRAError
-from ..blora.host.batched_lora import batched_clone
+from ..blora.host.realise import batched_clone
 from ..blora.compose.block_weights import role_parts
 from .types import role_inputs, role_strength_inputs
 
@@ -51,7 +51,7 @@ class BLoRABatchApply(io.ComfyNode):
                         "run of its entry. Blocks every entry applies alike are patched into the weights; where "
                         "entries differ, each image's rows go through their own adapter.",
             inputs=[
-                io.Model.Input("model", tooltip="SDXL-architecture model; a clone is returned."),
+                io.Model.Input("model", tooltip="SDXL- or FLUX.1-architecture model; a clone is returned."),
                 BLoRABatch.Input("batch", tooltip="Entries from B-LoRA Batch Entry nodes."),
             ],
             outputs=[io.Model.Output(tooltip="The model that applies entry i to image i of the batch. Set the "

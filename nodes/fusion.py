@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..blora.adapters.adapter import Adapter
 from ..blora.compose.klora import TIME_SCALES
-from ..blora.host.dynamic import fused_clone
+from ..blora.host.realise import fused_clone
 from .types import BLoRA, strength
 
 
@@ -17,9 +17,9 @@ class KLoRAFuse(io.ComfyNode):
             description="K-LoRA (CVPR 2025): in every Linear layer both LoRAs adapt, use the subject or the style "
                         "LoRA at each step, chosen by comparing their top-K weight magnitudes with a time scale "
                         "that favours the subject early and the style late. Layers in one LoRA only take it. "
-                        "Works with ordinary SDXL LoRAs, no training.",
+                        "Works with ordinary SDXL and FLUX.1 LoRAs, no training.",
             inputs=[
-                io.Model.Input("model", tooltip="SDXL-architecture model; a fused clone is returned."),
+                io.Model.Input("model", tooltip="SDXL- or FLUX.1-architecture model; a fused clone is returned."),
                 BLoRA.Input("subject", tooltip="The subject (content) LoRA."),
                 BLoRA.Input("style", tooltip="The style LoRA."),
                 strength("subject_strength", "Scale of the subject LoRA's deltas where it is used (the selection "

@@ -30,8 +30,9 @@ class BLoRALoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="BLoRALoader", display_name="Load B-LoRA", category="B-LoRA",
-            description="Read a B-LoRA (or any SDXL LoRA, LoHa, LoKr, DoRA) in any common key dialect: original "
-                        "B-LoRA/diffusers, PEFT, kohya, LyCORIS, ComfyUI. Connect it to Apply B-LoRA.",
+            description="Read a B-LoRA (or any SDXL or FLUX.1 LoRA, LoHa, LoKr, DoRA) in any common key dialect: "
+                        "original B-LoRA/diffusers, PEFT, kohya, LyCORIS, ComfyUI, ai-toolkit. Connect it to Apply "
+                        "B-LoRA.",
             inputs=[io.Combo.Input("lora_name", options=adapter_files(),
                                    tooltip="Adapter file from models/blora or models/loras (.safetensors).")],
             outputs=[BLoRA.Output(display_name="blora", tooltip="The adapter, every module of the file."),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..blora.adapters.adapter import Adapter
-from ..blora.host.dynamic import scheduled_clone
+from ..blora.host.realise import scheduled_clone
 from ..blora.compose.strength_schedule import parse_schedule
 from .types import BLoRA, role_inputs
 
@@ -27,7 +27,7 @@ class BLoRASchedule(io.ComfyNode):
                         "sampling progress of each run (any sampler and step count). Constant schedules are "
                         "ordinary patches; scheduled blocks update their layers' weights at every step.",
             inputs=[
-                io.Model.Input("model", tooltip="SDXL-architecture model; a patched clone is returned."),
+                io.Model.Input("model", tooltip="SDXL- or FLUX.1-architecture model; a patched clone is returned."),
                 *role_inputs(),
                 _schedule_input("content", "1.0"),
                 _schedule_input("style", "0:0.0, 0.3:1.0"),

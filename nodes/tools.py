@@ -5,20 +5,18 @@ import logging
 import os
 
 import folder_paths
-import torch
 from comfy_api.latest import io
 
 from ..blora.adapters.adapter import Adapter, merge, select
 from ..blora.errors import BLoRAError
-from ..blora.formats.files import write_adapter
+from ..blora.formats.files import DTYPES, write_adapter
 from ..blora.host.output_files import save_target
 from ..blora.compose.block_weights import role_parts
 from .types import BLoRA, role_inputs
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("kohya", "comfy", "diffusers")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FORMATS = ("kohya", "comfy", "diffusers", "peft")
 
 
 def select_roles(adapter: Adapter, roles: str) -> Adapter:
@@ -32,7 +30,7 @@ def select_roles(adapter: Adapter, roles: str) -> Adapter:
                          f"names separated by commas")
     part = select(adapter, names)
     if not part.modules:
-        held = ", ".join(f"{b.slot} ({b.role or b.ldm})" for b in adapter.blocks()) or "no SDXL attention block"
+        held = ", ".join(f"{b.slot} ({b.role or b.ldm})" for b in adapter.blocks()) or "no block of a known model"
         raise BLoRAError(f"{adapter.source or 'adapter'}: none of the blocks {roles!r} is in this adapter; it holds "
                          f"{held}")
     return part
@@ -57,7 +55,7 @@ class BLoRASave(io.ComfyNode):
             node_id="BLoRASave", display_name="Save B-LoRA", category="B-LoRA/tools", is_output_node=True,
             description="Write an adapter (or some of its blocks: a split) as a .safetensors file in the output "
                         "folder's loras/ subfolder, in the dialect and precision you choose, with metadata (roles, "
-                        "sources, rank, alpha, trigger). Works on any SDXL LoRA.",
+                        "sources, rank, alpha, trigger). Works on any SDXL or FLUX.1 LoRA.",
             inputs=[
                 BLoRA.Input("blora", tooltip="The adapter to save (from Load B-LoRA or Merge B-LoRA)."),
                 io.String.Input("filename_prefix", default="B-LoRA",
@@ -65,11 +63,14 @@ class BLoRASave(io.ComfyNode):
                                         "absolute paths); a counter is appended: prefix_00001_.safetensors."),
                 io.String.Input("roles", default="all",
                                 tooltip="Blocks to keep: all, content, style, layout, or a comma list of block "
-                                        "names in any naming (OUT1, output_blocks.1.1, up_blocks.0.attentions.1)."),
+                                        "names in any naming (OUT1, output_blocks.1.1, up_blocks.0.attentions.1; "
+                                        "FLUX.1: content, style, boundary, single_blocks.12, S12)."),
                 io.Combo.Input("format", options=list(FORMATS), default="kohya",
                                tooltip="kohya: what stock LoraLoader and most UIs read. comfy: ComfyUI's "
                                        "diffusion_model.* keys. diffusers: unet.* keys with lora.down/up (the "
-                                       "original B-LoRA form; alpha folded into the weights)."),
+                                       "original B-LoRA form; alpha folded into the weights). peft: lora_A/lora_B "
+                                       "(FLUX.1: transformer.* keys with q/k/v split, as diffusers and ai-toolkit "
+                                       "write them; alpha folded)."),
                 io.Combo.Input("dtype", options=list(DTYPES), default="fp16",
                                tooltip="Precision of the saved tensors (fp16 halves the size; fp32 is exact)."),
             ],

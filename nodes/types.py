@@ -22,8 +22,9 @@ def strength(name: str, tooltip: str, default: float = 1.0) -> io.Float.Input:
     return io.Float.Input(name, default=default, min=-10.0, max=10.0, step=0.01, tooltip=tooltip)
 
 
-ROLE_BLOCKS = {"content": "output_blocks.0.1, OUT0", "style": "output_blocks.1.1, OUT1",
-               "layout": "input_blocks.8.1, IN08"}
+ROLE_BLOCKS = {"content": "SDXL output_blocks.0.1, OUT0; FLUX.1 single_blocks.0-9",
+               "style": "SDXL output_blocks.1.1, OUT1; FLUX.1 single_blocks.10-37",
+               "layout": "SDXL input_blocks.8.1, IN08; FLUX.1 has none"}
 
 
 def role_inputs(verb: str = "is applied") -> list:

@@ -1,9 +1,15 @@
-"""The trainable form every kind shares: ``Trainable``, a weight function W -> W' whose parameters are the kind's
-own tensors (so a trained module exports as that kind with no conversion).
+"""The trainable form every kind shares: ``Trainable``, whose parameters are the kind's own tensors (so a trained
+module exports as that kind with no conversion). Two ways to train it, the same function of the weights:
 
-    W' = W + scale · ΔW(tensors)                                    (the kind's delta)
-    DoRA: W' = m ⊙ (W + scale · ΔW) / (‖W + scale · ΔW‖_col + eps),  m: (1, in)
-    with ``multiplier`` μ ≠ 1 (default 1): W + μ · (W' - W)           (0: the layer is off)
+- on the activations (``on_activations``: kinds whose delta is a product of small factors, no DoRA): the frozen
+  layer runs as is and ``output_delta(x)`` = multiplier · scale · ΔW x is added to its output, computed from the
+  factors (LoRA: (x Aᵀ) Bᵀ; LoKr: w1 X w2ᵀ on x reshaped, never the dense Kronecker product); no merged weight;
+- as a weight function W -> W' (``forward``; DoRA, LoHa), which the host runs on the layer's weight:
+
+    W' = W + multiplier · scale · ΔW(tensors)                       (the kind's delta)
+    DoRA: W' = W + multiplier · (D − W), D = m ⊙ (W + scale · ΔW) / (‖W + scale · ΔW‖_col + eps),  m: (1, in)
+
+``multiplier`` (default 1) scales the delta in both modes (0: the base layer; previews of some blocks only).
 
 The DoRA form is the input-axis one stock ComfyUI renders from a ``dora_scale`` of shape (1, in)
 (``comfy.weight_adapter.base.weight_decompose``) and LyCORIS computes with ``wd_on_out=False``: column norms over
@@ -28,9 +34,9 @@ def column_norm(weight: torch.Tensor) -> torch.Tensor:
     return weight.float().norm(dim=0, keepdim=True)
 
 
-def dora_forward(merged: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """m * W' / (||W'||_col + eps), the norm a constant in backward."""
-    return merged * (magnitude / (column_norm(merged).detach() + DORA_EPS))
+def dora_forward(merged: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """m * W' / (||W'||_col + eps), the norm a constant in backward (``norm``: that of ``merged``, when known)."""
+    return merged * (magnitude / ((column_norm(merged) if norm is None else norm).detach() + DORA_EPS))
 
 
 def initial_magnitude(weight: torch.Tensor) -> torch.Tensor:
@@ -58,7 +64,24 @@ class Trainable(torch.nn.Module):
         self.register_parameter("magnitude", None if magnitude is None else
                                 torch.nn.Parameter(magnitude.detach().float().clone()))
         self.scale = float(scale)
-        self.multiplier = 1.0  # scales the delta W' - W (0: the base weight); previews switch layers with it
+        self.multiplier = 1.0
+
+    #: the kind's delta can be applied to activations from its factors, cheaper than a merged weight
+    factored: ClassVar[bool] = False
+
+    @property
+    def on_activations(self) -> bool:
+        """Trained on the activations (``output_delta``) rather than as a weight function (``forward``)."""
+        return self.factored and self.magnitude is None
+
+    def output_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """multiplier · scale · ΔW x for inputs x (..., in) -> (..., out), in x's dtype, differentiable."""
+        return self.apply_delta(x) * (self.scale * self.multiplier)
+
+    def apply_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """ΔW x without scale (kinds with factors override it; this default goes through the dense delta)."""
+        delta = KINDS[self.kind].delta(self.tensors())
+        return torch.nn.functional.linear(x, delta.to(x.dtype))
 
     @classmethod
     def from_module(cls, module: ModuleAdapter) -> "Trainable":
@@ -95,13 +118,29 @@ class Trainable(torch.nn.Module):
         return self.scale * KINDS[self.kind].delta(self.tensors())
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        merged = weight.float() + self.delta().reshape(weight.shape)
-        if self.magnitude is not None:
-            merged = dora_forward(merged, self.magnitude)
-        if self.multiplier != 1.0:
-            base = weight.float()
-            merged = base + self.multiplier * (merged - base)
+        """The weight function: W -> W' (module doc)."""
+        if self.multiplier == 0.0:
+            return weight
+        base = weight.float()
+        if self.magnitude is None:
+            merged = base + self.delta().reshape(weight.shape) * self.multiplier
+        else:
+            merged = base + self.delta().reshape(weight.shape)
+            merged = dora_forward(merged, self.magnitude, self._step_norm(weight, merged))
+            if self.multiplier != 1.0:
+                merged = base + (merged - base) * self.multiplier
         return merged.to(weight.dtype)
+
+    def _step_norm(self, weight: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+        """DoRA's ||W'||_col, computed once per optimizer step: W' changes only when a parameter does (an in-place
+        update bumps its version), so every call in between (micro-batches, checkpoint recomputation) reuses it."""
+        key = (weight.data_ptr(), weight.shape, weight.dtype, weight.device,
+               tuple(p._version for p in self.parameters() if p is not self.magnitude))
+        cached = getattr(self, "_norm", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                self._norm = cached = key, column_norm(merged.detach())
+        return cached[1]
 
     def export(self, alpha: float, dtype: torch.dtype = torch.float32) -> ModuleAdapter:
         """The trained module as a ModuleAdapter of this kind (detached copies in ``dtype``); ``alpha``: the

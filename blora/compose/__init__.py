@@ -1,1 +1,1 @@
-"""Composing adapters onto a model: block weights, strength schedules, K-LoRA and the patch plan."""
+"""Composing adapters: what each feature wants done to the model, as data (``plan``)."""

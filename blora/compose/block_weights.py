@@ -6,28 +6,25 @@ Text form: entries ``name=value`` separated by commas or newlines, ``#`` starts 
     output_blocks.0.1.transformer_blocks.3=0   # one transformer block of the content block off
     default=0                                  # every block not listed (default: 1.0)
 
-A name is anything ``blocks.resolve_block`` knows (role, LBW slot, LDM or diffusers name), optionally followed by a
-sub-path inside the block (``.transformer_blocks.3``, ``.transformer_blocks.3.attn2``, ``….attn2.to_k``). For a
-module the most specific entry wins: a sub-path entry over its block's entry, a block entry over ``default``.
+A name is anything the adapter's architecture (``blora.arch``) resolves: a role or preset, an LBW slot, a host (LDM)
+or diffusers block name (FLUX.1: ``single_blocks.12``, ``S12``, ``content`` = single_blocks.0-9), optionally followed
+by a sub-path inside the block (SDXL ``.transformer_blocks.3.attn2.to_k``, FLUX ``.img_attn.qkv``, ``.linear1``).
+For a module the most specific entry wins: a sub-path entry over its block's entry, a block named alone over a
+role or preset covering it (FLUX roles span many blocks), any entry over ``default``.
 """
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping
 
 from ..adapters.adapter import Adapter, select
-from ..blocks import Block, role_block, resolve_block
+from .. import arch as architectures
+from ..arch import Architecture, Block
 from ..errors import BLoRAError, BlockNameError, ScheduleError
 
 DEFAULT_KEY = "default"
 
-# What may follow a block name: the modules inside a SpatialTransformer (LDM and diffusers spell them alike).
-_SUB_PATH = re.compile(
-    r"^(proj_in|proj_out|norm"
-    r"|transformer_blocks(\.\d+(\.(attn[12](\.(to_q|to_k|to_v|to_out(\.0)?))?"
-    r"|norm[123]|ff(\.net(\.\d+(\.proj)?)?)?))?)?)$")
 
 STRENGTH_MODES: dict[str, Callable[[float], float]] = {
     "linear": lambda s: s,  # ComfyUI's strength: W + s·ΔW
@@ -51,6 +48,7 @@ class WeightEntry:
     block: Block | None
     sub_path: str
     value: float
+    group: bool = False  # from a role or preset naming several blocks: yields to an entry naming the block itself
 
     @property
     def prefix(self) -> str:
@@ -77,7 +75,8 @@ class BlockWeights:
         """Strength of one canonical module path: the most specific entry covering it, else the default."""
         best = None
         for entry in self.entries:
-            if entry.covers(module_path) and (best is None or len(entry.prefix) > len(best.prefix)):
+            if entry.covers(module_path) and (best is None or (len(entry.prefix), not entry.group) >
+                                              (len(best.prefix), not best.group)):
                 best = entry
         return best.value if best is not None else self.default
 
@@ -98,22 +97,28 @@ def _split_entries(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def _resolve_name(name: str, entry: str, where: str) -> tuple[Block, str]:
-    """Block and sub-path of an entry name: the longest dotted prefix that names a block, the rest a sub-path."""
+def _resolve_name(name: str, entry: str, where: str,
+                  arch: Architecture | None) -> tuple[tuple[Block, ...], str, bool]:
+    """Blocks, sub-path and whether a role or preset named them: the longest dotted prefix that names blocks, the
+    rest a sub-path."""
     parts = name.split(".")
     for cut in range(len(parts), 0, -1):
+        head = ".".join(parts[:cut])
         try:
-            block = resolve_block(".".join(parts[:cut]))
+            blocks = architectures.resolve_blocks(head, arch)
         except BlockNameError:
             continue
         sub_path = ".".join(parts[cut:]).lower()
-        if sub_path and not _SUB_PATH.match(sub_path):
+        owner = architectures.get(blocks[0].arch)
+        if sub_path and not owner.sub_path.match(sub_path):
+            example = ("'transformer_blocks.3', 'transformer_blocks.3.attn2', 'transformer_blocks.3.attn2.to_k', "
+                       "'proj_in'") if owner.name == "sdxl" else "'img_attn.qkv', 'linear1', 'txt_mlp.0'"
             raise BlockNameError(f"block weights {where}: {entry!r}: {sub_path!r} is not a module inside block "
-                                 f"{block.ldm} (expected e.g. 'transformer_blocks.3', "
-                                 f"'transformer_blocks.3.attn2', 'transformer_blocks.3.attn2.to_k', 'proj_in')")
-        return block, sub_path
+                                 f"{blocks[0].ldm} (expected e.g. {example})")
+        group = len(blocks) > 1  # an SDXL role is its one block: naming both is a duplicate, as before
+        return blocks, sub_path, group
     try:
-        resolve_block(name)
+        architectures.resolve_blocks(name, arch)
     except BlockNameError as e:
         raise BlockNameError(f"block weights {where}: {entry!r}: {e}") from None
     raise AssertionError("unreachable")
@@ -129,9 +134,10 @@ def _parse_value(raw: str, entry: str, where: str) -> float:
     return value
 
 
-def parse_block_weights(text: str) -> BlockWeights:
-    """Parse block-weights text (see the module docstring). Errors name the entry text and its position:
-    ScheduleError for a malformed entry or duplicate, BlockNameError for a name no block answers to."""
+def parse_block_weights(text: str, arch: Architecture | str | None = None) -> BlockWeights:
+    """Parse block-weights text (see the module docstring) for ``arch`` (the adapter's architecture; None: names
+    as SDXL knows them, FLUX block names too). Errors name the entry text and its position: ScheduleError for a
+    malformed entry or duplicate, BlockNameError for a name no block answers to."""
     entries: list[WeightEntry] = []
     default, default_where = 1.0, None
     seen: dict[str, str] = {}
@@ -148,30 +154,40 @@ def parse_block_weights(text: str) -> BlockWeights:
                                     f"(first at {default_where})")
             default, default_where = value, where
             continue
-        block, sub_path = _resolve_name(name, entry_text, where)
-        entry = WeightEntry(entry_text, where, block, sub_path, value)
-        if entry.prefix in seen:
-            raise ScheduleError(f"block weights {where}: {entry_text!r}: {entry.prefix} is already given at "
-                                f"{seen[entry.prefix]}")
-        seen[entry.prefix] = where
-        entries.append(entry)
+        blocks, sub_path, group = _resolve_name(name, entry_text, where, arch)
+        for block in blocks:
+            entry = WeightEntry(entry_text, where, block, sub_path, value, group)
+            if (entry.prefix, group) in seen:
+                raise ScheduleError(f"block weights {where}: {entry_text!r}: {entry.prefix} is already given at "
+                                    f"{seen[entry.prefix, group]}")
+            seen[entry.prefix, group] = where
+            entries.append(entry)
     return BlockWeights(tuple(entries), default)
 
 
 def role_parts(roles: Mapping[str, tuple[Adapter | None, float]], mode: str = "linear") -> list[tuple[Adapter, float]]:
     """(adapter, linear strength) parts for Apply B-LoRA: each role's block taken from its own adapter.
 
-    roles: role -> (adapter or None, strength), e.g. {"content": (A, 1.0), "style": (B, 0.8)}. A given adapter
-    lacking its role's block is an error naming the file and the role; absent adapters are left out."""
+    roles: role -> (adapter or None, strength), e.g. {"content": (A, 1.0), "style": (B, 0.8)}. The role's blocks
+    are those of the adapter's architecture (SDXL content: output_blocks.0.1; FLUX.1 content: single_blocks.0-9). A
+    given adapter lacking its role's blocks, or of an architecture without that role, is an error naming the file
+    and the role; absent adapters are left out."""
     parts = []
     for role, (adapter, strength) in roles.items():
         if adapter is None:
             continue
-        block = role_block(role)
-        part = select(adapter, [block])
+        arch = adapter.architecture or architectures.SDXL
+        if role not in arch.roles:
+            raise BLoRAError(f"{adapter.source or 'adapter'}: given as {role}, but {arch.title} has no {role} role "
+                             f"(its roles: {', '.join(arch.roles)})")
+        blocks = arch.resolve(role)
+        part = select(adapter, blocks)
         if not part.modules:
-            held = ", ".join(f"{b.slot} ({b.role or b.ldm})" for b in adapter.blocks()) or "no SDXL attention block"
-            raise BLoRAError(f"{adapter.source or 'adapter'}: no {role} block ({block.ldm}, {block.slot}) in this "
+            held = ", ".join(f"{b.slot} ({b.role or b.ldm})" for b in adapter.blocks()) or \
+                f"no {arch.title} block"
+            where = (f"{blocks[0].ldm}, {blocks[0].slot}" if len(blocks) == 1 else
+                     f"{blocks[0].ldm} … {blocks[-1].ldm}, {arch.citation.split(':')[0]}")
+            raise BLoRAError(f"{adapter.source or 'adapter'}: no {role} block ({where}) in this "
                              f"file, given as {role}; it holds {held}")
         parts.append((part, effective_strength(strength, mode)))
     return parts

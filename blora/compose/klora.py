@@ -80,12 +80,8 @@ def time_scale(pattern: str) -> TimeScale:
     return TIME_SCALES[pattern]
 
 
-def top_k_sum(delta: torch.Tensor, k: int) -> float:
-    """Sum of the k largest |entries| of delta (all of them when k ≥ numel), in float64."""
-    return _top_k(delta.detach().float().abs().reshape(-1), k)
-
-
 def _top_k(magnitudes: torch.Tensor, k: int) -> float:
+    """Sum of the k largest magnitudes (all of them when k ≥ numel), in float64."""
     if k >= magnitudes.numel():
         return float(magnitudes.sum(dtype=torch.float64))
     return float(torch.topk(magnitudes, k, sorted=False).values.sum(dtype=torch.float64))
@@ -108,12 +104,8 @@ def trimmed_gamma(ratios: Sequence[float]) -> float:
 
 @dataclass(frozen=True)
 class FusedLayer:
-    """Selection data of one layer holding both LoRAs: top-K sums, L1 norms, and the threshold R."""
+    """The selection of one layer holding both LoRAs: its threshold R = S_c / (γ · S_s)."""
 
-    top_c: float
-    top_s: float
-    l1_c: float
-    l1_s: float
     threshold: float
 
     def uses_content(self, scale: float) -> bool:
@@ -198,19 +190,7 @@ def plan_from_stats(stats: Mapping[str, LayerStats], subject_only: Sequence[str]
     deltas, then each layer's threshold R = S_c / (γ · S_s)."""
     time_scale(pattern)
     gamma = trimmed_gamma([st.l1_c / st.l1_s for st in stats.values() if st.l1_c > 0.0 and st.l1_s > 0.0])
-    fused = {p: FusedLayer(st.top_c, st.top_s, st.l1_c, st.l1_s, _threshold(st.top_c, st.top_s, gamma))
-             for p, st in stats.items()}
+    fused = {p: FusedLayer(_threshold(st.top_c, st.top_s, gamma)) for p, st in stats.items()}
     return FusionPlan(pattern=pattern, gamma=gamma, fused=fused, subject_only=tuple(subject_only),
                       style_only=tuple(style_only))
 
-
-def plan_fusion(subject: Mapping[str, torch.Tensor], style: Mapping[str, torch.Tensor],
-                ranks: Mapping[str, tuple[int, int]], pattern: str = "s") -> FusionPlan:
-    """The K-LoRA selection for two sets of per-layer deltas (path -> ΔW (out, in[, …]), at strength 1).
-
-    ranks: path -> (r_c, r_s) for the layers in both (0 for full-rank kinds). Raises BLoRAError when a layer's
-    two deltas differ in shape."""
-    time_scale(pattern)
-    stats = {p: layer_stats(subject[p], style[p], *ranks.get(p, (0, 0)), path=p) for p in subject if p in style}
-    return plan_from_stats(stats, [p for p in subject if p not in style], [p for p in style if p not in subject],
-                           pattern)

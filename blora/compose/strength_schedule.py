@@ -96,13 +96,6 @@ def strength_at(schedule: Schedule, progress: float) -> float:
     return a.strength + w * (b.strength - a.strength)
 
 
-def format_schedule(schedule: Schedule) -> str:
-    """The text form of a schedule (``parse_schedule(format_schedule(s)) == s``)."""
-    if len(schedule) == 1:
-        return repr(schedule[0].strength)
-    return ", ".join(f"{kf.progress!r}:{kf.strength!r}" for kf in schedule)
-
-
 def sampling_progress(sigma: float, sigmas: Sequence[float]) -> float:
     """Progress in [0, 1] of a model call at noise level ``sigma`` in a run with the sigma schedule ``sigmas``
     (n + 1 values for n steps). Step i (at ``sigmas[i]``) has progress i / (n - 1); sigmas between two schedule

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from ..adapters.kinds import KINDS
 
-# (file suffix, adapter kind or None, canonical tensor name): each kind's own spellings (``blora.adapters.kinds``), then
-# the entries any kind may carry (kind None): bias diff, alpha, DoRA magnitude.
+# (file suffix, adapter kind or None, canonical tensor name): each kind's own spellings (``blora.adapters.kinds``),
+# then the entries any kind may carry (kind None): bias diff, alpha, DoRA magnitude.
 SUFFIXES: tuple[tuple[str, str | None, str], ...] = tuple(
     (suffix, kind.name, name) for kind in KINDS.values() for suffix, name in kind.read_suffixes.items()) + (
     (".diff_b", None, "diff_b"), (".b_norm", None, "diff_b"),
@@ -22,13 +22,18 @@ SUFFIXES: tuple[tuple[str, str | None, str], ...] = tuple(
 )
 SUFFIXES_LONGEST_FIRST = tuple(sorted(SUFFIXES, key=lambda row: -len(row[0])))
 
+UNET_PREFIX = "diffusion_model."  # the UNet's keys in a ComfyUI model's state dict, and in the comfy dialect
+
 # (key prefix, model part, spelling): "dotted" module paths (diffusers or LDM for the UNet, CLIP for text
 # encoders) or "underscore" (kohya). Longest prefix first; "" is a bare UNet path (PEFT on the UNet itself).
+# "unet" means the denoiser of any architecture (SDXL UNet, FLUX transformer: ``transformer.`` is diffusers' FLUX
+# prefix, ``lora_transformer_`` OneTrainer's kohya spelling of it).
 PREFIXES: tuple[tuple[str, str, str], ...] = (
     ("text_encoders.clip_l.transformer.", "te1", "dotted"), ("text_encoders.clip_g.transformer.", "te2", "dotted"),
-    ("diffusion_model.", "unet", "dotted"), ("text_encoder_2.", "te2", "dotted"), ("text_encoder.", "te1", "dotted"),
-    ("unet.unet.", "unet", "dotted"), ("unet.", "unet", "dotted"),
+    (UNET_PREFIX, "unet", "dotted"), ("text_encoder_2.", "te2", "dotted"), ("text_encoder.", "te1", "dotted"),
+    ("unet.unet.", "unet", "dotted"), ("unet.", "unet", "dotted"), ("transformer.", "unet", "dotted"),
     ("lora_unet_", "unet", "underscore"), ("lycoris_", "unet", "underscore"),
+    ("lora_transformer_", "unet", "underscore"),
     ("lora_te1_", "te1", "underscore"), ("lora_te2_", "te2", "underscore"), ("lora_te_", "te1", "underscore"),
     ("", "unet", "dotted"),
 )
@@ -37,7 +42,8 @@ WRAPPER_PREFIX = "base_model.model."  # PEFT model wrapper, stripped before the 
 # The PEFT config component each model part belongs to (diffusers' ``lora_adapter_metadata``).
 PEFT_COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 
-_KOHYA_DIFFUSERS_ROOTS = "down_blocks|mid_block|up_blocks|conv_in|conv_out|conv_norm_out|time_embedding|add_embedding"
+_KOHYA_DIFFUSERS_ROOTS = ("down_blocks|mid_block|up_blocks|conv_in|conv_out|conv_norm_out|time_embedding|add_embedding"
+                          "|transformer_blocks|single_transformer_blocks")
 
 
 @dataclass(frozen=True)
@@ -78,14 +84,17 @@ DIALECTS: tuple[Dialect, ...] = (
     Dialect("peft", re.compile(r"\.lora_[AB](\.default)?\.weight$|\.lora_magnitude_vector"), "unet.", "diffusers",
             False, _DIFFUSERS_TE, (".lora_A.weight", ".lora_B.weight"), False, False,
             "PEFT / new diffusers (lora_A, lora_B)", ".lora_magnitude_vector"),
+    Dialect("xlabs", re.compile(r"\.processor\.(qkv|proj)_lora[12]?\.(down|up)\.weight$"), "", "ldm", False,
+            _DIFFUSERS_TE, _DIFFUSERS_LORA, False, False, "XLabs / USO FLUX (double_blocks.N.processor.qkv_lora1; read only)"),
     Dialect("diffusers", re.compile(r"(\.lora\.|_lora\.|\.lora_linear_layer\.)(down|up)\.weight$"), "unet.",
             "diffusers", False, _DIFFUSERS_TE, _DIFFUSERS_LORA, False, False,
             "original B-LoRA / diffusers attention processors (lora.down, lora.up)"),
-    Dialect("kohya_diffusers", re.compile(rf"^(lora_unet|lycoris)_({_KOHYA_DIFFUSERS_ROOTS})_"), "lora_unet_",
+    Dialect("kohya_diffusers", re.compile(rf"^(lora_unet|lycoris)_({_KOHYA_DIFFUSERS_ROOTS})_|^lora_transformer_"),
+            "lora_unet_",
             "diffusers", True, _KOHYA_TE, _KOHYA_LORA, True, True, "kohya names in diffusers layout"),
     Dialect("kohya", re.compile(r"^lora_(unet|te\d?)_"), "lora_unet_", "ldm", True, _KOHYA_TE, _KOHYA_LORA, True,
             True, "kohya LDM names (sd-scripts, LyCORIS, A1111, stock ComfyUI)"),
-    Dialect("comfy", re.compile(r"^(diffusion_model|text_encoders)\."), "diffusion_model.", "ldm", False,
+    Dialect("comfy", re.compile(rf"^({re.escape(UNET_PREFIX)}|text_encoders\.)"), UNET_PREFIX, "ldm", False,
             ("text_encoders.clip_l.transformer.", "text_encoders.clip_g.transformer."), _KOHYA_LORA, True, True,
             "ComfyUI generic (diffusion_model.<path>, as TrainLoraNode writes)"),
 )

@@ -32,6 +32,8 @@ from .metadata import written_metadata
 log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+"""Floating-point precisions by the names used everywhere (files written, the command line, training)."""
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
               "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "F64": 64, "I64": 64, "U64": 64}

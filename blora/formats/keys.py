@@ -1,7 +1,9 @@
 """Key dialects in and out: detect_dialect(keys), to_canonical(state_dict) -> Adapter, from_canonical(adapter, dialect).
 
-Canonical module paths are LDM paths inside the diffusion model (``output_blocks.1.1.transformer_blocks.3.attn2.to_k``)
-and ``te1:`` / ``te2:`` + CLIP paths for the text encoders. Alpha semantics: a file without ``.alpha`` has scale 1
+Canonical module paths are the host's paths inside the diffusion model (SDXL: LDM paths such as
+``output_blocks.1.1.transformer_blocks.3.attn2.to_k``; FLUX.1: ``single_blocks.3.linear1``) and ``te1:`` / ``te2:`` +
+CLIP paths for the SDXL text encoders. Which architecture a name belongs to is ``blora.arch``'s business; split
+diffusers layers (FLUX's to_q/to_k/to_v) are fused onto the host's layers and split back by ``blora.arch.fused``. Alpha semantics: a file without ``.alpha`` has scale 1
 (alpha None); kohya ``.alpha`` gives scale alpha/rank; diffusers' ``lora_adapter_metadata`` (PEFT config) supplies
 lora_alpha (rsLoRA stored as alpha·√r so that alpha/r is PEFT's alpha/√r).
 """
@@ -15,8 +17,10 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from .. import unet_map
-from ..adapters.adapter import Adapter, ModuleAdapter
+from .. import arch
+from ..arch import fused
+from ..arch import sdxl as unet_map
+from ..adapters.adapter import Adapter, ModuleAdapter, is_text_encoder
 from .dialects import (BY_NAME, DIALECTS, PEFT_COMPONENTS, PREFIXES, SUFFIXES_LONGEST_FIRST, WRAPPER_PREFIX,
                        WRITABLE, Dialect)
 from ..errors import AdapterFileError, BLoRAError
@@ -52,9 +56,23 @@ def split_key(key: str) -> tuple[str, str | None, str] | None:
     return None
 
 
-def resolve_module(name: str) -> tuple[str, str] | None:
-    """(model part, path) of a module name with its dialect prefix: ("unet", LDM path) or ("te1"/"te2", CLIP
-    path). None if it names no module of the SDXL UNet or text encoders."""
+@dataclass(frozen=True)
+class Target:
+    """Where a file's module name lands: model part (``unet`` for any denoiser, ``te1``/``te2``), canonical path,
+    the piece of a fused host layer it fills (None: the whole layer), and its name without the dialect prefix."""
+
+    part: str
+    path: str
+    piece: arch.Piece | None = None
+    name: str = ""
+
+    @property
+    def canonical(self) -> str:
+        return self.path if self.part == "unet" else f"{self.part}:{self.path}"
+
+
+def resolve_target(name: str) -> Target | None:
+    """Where module name ``name`` (with its dialect prefix) lands in any supported architecture, or None."""
     while name.startswith(WRAPPER_PREFIX):
         name = name[len(WRAPPER_PREFIX):]
     for prefix, part, spelling in PREFIXES:
@@ -62,14 +80,24 @@ def resolve_module(name: str) -> tuple[str, str] | None:
             continue
         rest = name[len(prefix):]
         if part == "unet":
-            path = unet_map.kohya_to_module(rest) if spelling == "underscore" else (
-                unet_map.diffusers_to_ldm(rest) or (rest if unet_map.is_sdxl_module(rest) else None))
-        else:
-            path = unet_map.kohya_to_te(part, rest) if spelling == "underscore" else (
-                rest if rest in unet_map.TE_PATHS[part] else None)
+            for a in arch.ARCHITECTURES.values():
+                found = a.resolve_name(rest, spelling == "underscore")
+                if found is not None:
+                    return Target("unet", found[0], found[1], rest)
+            continue
+        path = unet_map.kohya_to_te(part, rest) if spelling == "underscore" else (
+            rest if rest in unet_map.TE_PATHS[part] else None)
         if path is not None:
-            return part, path
+            return Target(part, path, None, rest)
     return None
+
+
+def resolve_module(name: str) -> tuple[str, str] | None:
+    """(model part, path) of a module name with its dialect prefix: ("unet", canonical path of the denoiser
+    module, the whole fused layer for a split piece) or ("te1"/"te2", CLIP path). None if it names no module of a
+    supported architecture."""
+    target = resolve_target(name)
+    return (target.part, target.path) if target else None
 
 
 def to_canonical(state_dict: Mapping[str, torch.Tensor], source: str = "",
@@ -87,8 +115,10 @@ def to_canonical(state_dict: Mapping[str, torch.Tensor], source: str = "",
     alpha_of = _peft_alphas(metadata, where)
     modules: dict[str, ModuleAdapter] = {}
     first_key: dict[str, str] = {}
+    pieces: dict[str, dict[int, tuple[ModuleAdapter, str]]] = {}
+    layouts: dict[str, arch.Piece] = {}
     for module_name, parts in groups.items():
-        target = resolve_module(module_name)
+        target = resolve_target(module_name)
         try:
             built = _build(parts, where, target, alpha_of) if target else None
         except AdapterFileError:
@@ -100,14 +130,37 @@ def to_canonical(state_dict: Mapping[str, torch.Tensor], source: str = "",
         if built is None:
             unmapped.extend(p.key for p in parts.values())
             continue
-        path = target[1] if target[0] == "unet" else f"{target[0]}:{target[1]}"
+        path = target.canonical
         key = next(iter(parts.values())).key
+        if target.piece is not None:
+            held = pieces.setdefault(path, {})
+            if target.piece.index in held:
+                raise AdapterFileError(where, f"part {target.piece.index} of {path} is given twice (also by "
+                                              f"{held[target.piece.index][1]!r})", key)
+            held[target.piece.index], layouts[path] = (built, key), target.piece
+            continue
         if path in modules:
             raise AdapterFileError(where, f"module {path} is given twice (also by {first_key[path]!r})", key)
         modules[path], first_key[path] = built, key
+    for path, held in pieces.items():
+        key = next(iter(held.values()))[1]
+        if path in modules:
+            raise AdapterFileError(where, f"module {path} is given both whole and as split parts (also by "
+                                          f"{first_key[path]!r})", key)
+        try:
+            modules[path] = fused.fuse({i: m for i, (m, _) in held.items()}, layouts[path], path)
+        except BLoRAError as e:
+            raise AdapterFileError(where, str(e), key) from None
+        first_key[path] = key
     if not modules:
-        raise AdapterFileError(where, f"none of its {len(state_dict)} keys is an SDXL UNet or text-encoder module "
-                                      f"(e.g. {sorted(unmapped)[:2]}): a LoRA for another architecture?")
+        raise AdapterFileError(where, f"none of its {len(state_dict)} keys is a module of a supported architecture "
+                                      f"({', '.join(a.title for a in arch.ARCHITECTURES.values())} denoiser, SDXL "
+                                      f"text encoders) (e.g. {sorted(unmapped)[:2]}): a LoRA for another "
+                                      f"architecture?")
+    try:
+        arch.adapter_architecture(modules, where)
+    except BLoRAError as e:
+        raise AdapterFileError(where, str(e)) from None
     return Adapter(modules=modules, source=source, dialect=dialect, metadata=metadata,
                    unmapped=tuple(sorted(unmapped)), trigger=trigger_of(metadata))
 
@@ -131,7 +184,7 @@ def _group(state_dict: Mapping[str, torch.Tensor], where: str) -> tuple[dict[str
     return groups, unknown
 
 
-def _build(parts: Mapping[str, _Part], where: str, target: tuple[str, str],
+def _build(parts: Mapping[str, _Part], where: str, target: Target,
            alpha_of: Callable[[str, str, int], float | None] | None) -> ModuleAdapter | None:
     """One module from its tensors; None when it holds only alpha / DoRA / bias entries (nothing to apply)."""
     kinds = {p.kind for p in parts.values() if p.kind}
@@ -151,10 +204,23 @@ def _build(parts: Mapping[str, _Part], where: str, target: tuple[str, str],
     if module.dora_scale is not None and _per_output_row(module):
         module = replace(module, dora_norm="adapted")
     if module.alpha is None and alpha_of is not None and module.rank:
-        part, path = target
-        name = unet_map.ldm_to_diffusers(path) if part == "unet" else path
-        module = replace(module, alpha=alpha_of(PEFT_COMPONENTS[part], name or path, module.rank))
+        component = PEFT_COMPONENTS[target.part]
+        owner = arch.architecture_of_path(target.path) if target.part == "unet" else None
+        if owner is not None:
+            component = owner.diffusers_prefix.rstrip(".")  # "unet", "transformer"
+        module = replace(module, alpha=alpha_of(component, _diffusers_name(target), module.rank))
     return module
+
+
+def _diffusers_name(target: Target) -> str:
+    """The diffusers name of a target (PEFT's alpha_pattern is keyed by it)."""
+    if target.part != "unet":
+        return target.path
+    if target.piece is not None:
+        return target.name
+    owner = arch.architecture_of_path(target.path)
+    names = owner.diffusers_names(target.path) if owner else None
+    return names[0][0] if names else target.path
 
 
 def _alpha(parts: Mapping[str, _Part], where: str) -> float | None:
@@ -218,19 +284,54 @@ def _peft_alphas(metadata: Mapping[str, str], where: str) -> Callable[[str, str,
     return alpha_of
 
 
+# The prefix a diffusers-naming dialect gives a non-SDXL denoiser: diffusers' own component name (``transformer.``)
+# and OneTrainer's kohya spelling of it (``lora_transformer_``), both read by the host's loader for FLUX.
+_DIFFUSERS_PREFIX_FOR = {"unet.": "{component}.", "lora_unet_": "lora_{component}_"}
+
+
 def module_key(dialect: Dialect, path: str) -> str:
-    """The module name (prefix included) ``dialect`` gives canonical ``path``."""
-    if path.startswith(("te1:", "te2:")):
+    """The module name (prefix included) ``dialect`` gives canonical ``path`` (a whole layer; split pieces of a
+    fused layer come from ``module_units``)."""
+    if is_text_encoder(path):
         part, clip = path.split(":", 1)
         name = clip.replace(".", "_") if dialect.underscore else clip
         return dialect.te_prefixes[0 if part == "te1" else 1] + name
-    name = path
-    if dialect.naming == "diffusers":
-        name = unet_map.ldm_to_diffusers(path)
-        if name is None:
-            raise BLoRAError(f"module {path!r} has no diffusers name (not an SDXL UNet module): "
-                             f"write it as kohya or comfy")
-    return dialect.unet_prefix + (name.replace(".", "_") if dialect.underscore else name)
+    units = _diffusers_units(dialect, path) if dialect.naming == "diffusers" else None
+    if units is None:
+        return dialect.unet_prefix + (path.replace(".", "_") if dialect.underscore else path)
+    prefix, names = units
+    if len(names) != 1 or names[0][1] is not None:
+        raise BLoRAError(f"module {path!r} is split into {len(names)} layers in diffusers naming: use module_units")
+    return prefix + (names[0][0].replace(".", "_") if dialect.underscore else names[0][0])
+
+
+def _diffusers_units(dialect: Dialect, path: str) -> tuple[str, tuple[tuple[str, arch.Piece | None], ...]]:
+    """(key prefix, diffusers names with pieces) of a denoiser path in a diffusers-naming dialect."""
+    owner = arch.architecture_of_path(path)
+    names = owner.diffusers_names(path) if owner else None
+    if names is None:
+        raise BLoRAError(f"module {path!r} has no diffusers name (not a module of a supported architecture's "
+                         f"diffusers layout): write it as kohya or comfy")
+    prefix = dialect.unet_prefix
+    if owner.diffusers_prefix != "unet.":
+        component = owner.diffusers_prefix.rstrip(".")
+        if prefix not in _DIFFUSERS_PREFIX_FOR:
+            raise BLoRAError(f"the {dialect.name} dialect is SDXL-only ({prefix!r}); write this {owner.title} "
+                             f"adapter as peft, kohya or comfy")
+        prefix = _DIFFUSERS_PREFIX_FOR[prefix].format(component=component)
+    return prefix, names
+
+
+def module_units(dialect: Dialect, path: str, module: ModuleAdapter) -> list[tuple[str, ModuleAdapter]]:
+    """(module name with prefix, module) for what ``dialect`` writes of canonical ``path``: one unit, or one per
+    split layer when diffusers naming splits a fused host layer (``blora.arch.fused.split``: exact)."""
+    if path.startswith(("te1:", "te2:")) or dialect.naming != "diffusers":
+        return [(module_key(dialect, path), module)]
+    prefix, names = _diffusers_units(dialect, path)
+    spell = (lambda n: n.replace(".", "_")) if dialect.underscore else (lambda n: n)
+    if len(names) == 1 and names[0][1] is None:
+        return [(prefix + spell(names[0][0]), module)]
+    return [(prefix + spell(n), m) for n, m in fused.split(module, names, path)]
 
 
 def from_canonical(adapter: Adapter, dialect: str) -> dict[str, torch.Tensor]:
@@ -251,21 +352,25 @@ def from_canonical(adapter: Adapter, dialect: str) -> dict[str, torch.Tensor]:
                     "differently)", adapter.source or "adapter", per_row)
     out: dict[str, torch.Tensor] = {}
     for path in sorted(adapter.modules):
-        module = adapter.modules[path]
-        key = module_key(spec, path)
-        plain = module.spec.plain
-        magnitude = bool(spec.magnitude) and module.dora_norm == "adapted"  # per-row DoRA in a PEFT file
-        dora = module.dora_scale is not None and not magnitude
-        extra = [n for n in module.tensors if n not in plain] + (["dora_scale"] if dora else [])
-        if spec.magnitude and plain and extra == ["dora_scale"]:
-            raise BLoRAError(f"module {path!r} has an input-axis DoRA scale {tuple(module.dora_scale.shape)}: the "
-                             f"{dialect} dialect holds DoRA only per output row (lora_magnitude_vector); write it "
-                             f"as kohya or comfy")
-        if not spec.extended and (not plain or extra):
-            raise BLoRAError(f"module {path!r} is {module.kind}{' with ' + ', '.join(extra) if extra else ''}: "
-                             f"the {dialect} dialect holds only plain LoRA; write it as kohya or comfy")
-        out.update(_module_tensors(spec, key, module))
+        for key, module in module_units(spec, path, adapter.modules[path]):
+            _check_holdable(spec, dialect, path, module)
+            out.update(_module_tensors(spec, key, module))
     return out
+
+
+def _check_holdable(spec: Dialect, dialect: str, path: str, module: ModuleAdapter) -> None:
+    """Raise BLoRAError naming the module unless ``dialect`` can hold it."""
+    plain = module.spec.plain
+    magnitude = bool(spec.magnitude) and module.dora_norm == "adapted"  # per-row DoRA in a PEFT file
+    dora = module.dora_scale is not None and not magnitude
+    extra = [n for n in module.tensors if n not in plain] + (["dora_scale"] if dora else [])
+    if spec.magnitude and plain and extra == ["dora_scale"]:
+        raise BLoRAError(f"module {path!r} has an input-axis DoRA scale {tuple(module.dora_scale.shape)}: the "
+                         f"{dialect} dialect holds DoRA only per output row (lora_magnitude_vector); write it "
+                         f"as kohya or comfy")
+    if not spec.extended and (not plain or extra):
+        raise BLoRAError(f"module {path!r} is {module.kind}{' with ' + ', '.join(extra) if extra else ''}: "
+                         f"the {dialect} dialect holds only plain LoRA; write it as kohya or comfy")
 
 
 def _module_tensors(spec: Dialect, key: str, module: ModuleAdapter) -> dict[str, torch.Tensor]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from ..adapters.adapter import Adapter
-from ..blocks import block_of
+from ..adapters.adapter import Adapter, is_text_encoder
+from ..arch import block_of
 from ..adapters.kinds import KINDS
 from ..train.loss_history import training_summary
 
@@ -24,7 +24,8 @@ class AdapterReport:
     (per-output-row DoRA: PEFT's magnitude, which stock ignores, or an (out, 1) dora_scale, which stock normalises
     by ‖W‖ instead of ‖W + ΔW‖); training: steps and final loss of a file this pack trained
     (``loss_history.training_summary``), else ""; block_ranks: LBW slot -> mean rank of the block's modules in
-    the file, when ranks differ between modules (AdaLoRA).
+    the file, when ranks differ between modules (AdaLoRA); architecture: the model family its modules belong to
+    (blocks are then that architecture's slots: SDXL ``OUT1``, FLUX.1 ``S12`` / ``D03``).
     """
 
     source: str
@@ -45,12 +46,14 @@ class AdapterReport:
     stock_differs: int = 0
     training: str = ""
     block_ranks: dict[str, float] = field(default_factory=dict)
+    architecture: str = ""  # "SDXL", "FLUX.1" (blora.arch), "" for a text-encoder-only file
 
     def summary(self) -> str:
         """One line: ``kohya · content, style (OUT0 OUT1) · LoRA rank 64 · 160 modules · 28.2M params``."""
         where = ", ".join(self.roles) or "no B-LoRA role"
         blocks = f" ({' '.join(self.blocks)})" if self.blocks else ""
-        parts = [self.dialect, where + blocks, f"{self._kinds()} {self._ranks()}".strip(),
+        dialect = f"{self.architecture} {self.dialect}" if self.architecture not in ("", "SDXL") else self.dialect
+        parts = [dialect, where + blocks, f"{self._kinds()} {self._ranks()}".strip(),
                  f"{self.num_modules} modules", f"{_millions(self.num_params)} params"]
         if self.te_modules:
             parts.append(f"{self.te_modules} text-encoder modules")
@@ -84,6 +87,7 @@ class AdapterReport:
         lines = [
             f"file:      {self.source or '(in memory)'}",
             f"dialect:   {self.dialect}",
+            *([f"model:     {self.architecture}"] if self.architecture not in ("", "SDXL") else []),
             f"roles:     {', '.join(self.roles) or '-'}",
             f"blocks:    {' '.join(self.blocks) or '-'}",
             f"kinds:     {self._kinds()}{' + DoRA' if self.dora else ''}",
@@ -127,7 +131,7 @@ def inspect_adapter(adapter: Adapter) -> AdapterReport:
     modules = adapter.modules
     kinds = Counter(m.kind for m in modules.values())
     dtypes = {str(t.dtype).replace("torch.", "") for m in modules.values() for t in m.tensors.values()}
-    unet = [p for p in modules if not p.startswith(("te1:", "te2:"))]
+    unet = [p for p in modules if not is_text_encoder(p)]
     return AdapterReport(
         source=adapter.source, dialect=adapter.dialect or "-",
         roles=tuple(adapter.roles()), blocks=tuple(b.slot for b in adapter.blocks()),
@@ -137,7 +141,8 @@ def inspect_adapter(adapter: Adapter) -> AdapterReport:
         unet_other=sum(1 for p in unet if block_of(p) is None), te_modules=len(modules) - len(unet),
         unmapped=tuple(adapter.unmapped), dora=any(m.dora_scale is not None for m in modules.values()),
         trigger=adapter.trigger, stock_differs=sum(m.dora_norm == "adapted" for m in modules.values()),
-        training=training_summary(adapter.metadata), block_ranks=_block_ranks(adapter))
+        training=training_summary(adapter.metadata), block_ranks=_block_ranks(adapter),
+        architecture=adapter.architecture.title if adapter.architecture else "")
 
 
 def _block_ranks(adapter: Adapter) -> dict[str, float]:

@@ -1,37 +1,47 @@
-"""Patch a ComfyUI ModelPatcher with adapters, through the host's own LoRA loader.
+"""Adapter modules as the host's own patches, and the deltas the host would add: the helpers the realiser
+(``blora.host.realise``) uses. Nothing here patches a model.
 
 Each adapter is written in the kohya LDM dialect (``blora.formats.keys.from_canonical``) and handed to
 ``comfy.lora.load_lora`` with the host's key map, so the patched weights are exactly those stock
-``LoraLoaderModelOnly`` gives for the same kohya file (LoRA, LoHa, LoKr and DoRA alike). What the host would skip
-quietly (modules missing from the model, shape mismatches, keys it cannot load) is refused before patching.
+``LoraLoaderModelOnly`` gives for the same kohya file (LoRA, LoHa, LoKr and DoRA alike, and a module's bias
+difference ``diff_b``, which the host adds to the layer's bias as b + s·Δb). What the host would skip quietly
+(modules missing from the model, shape mismatches, keys it cannot load) is refused before patching.
 
 One exception: per-output-row DoRA (a PEFT ``lora_magnitude_vector`` or a LyCORIS (out, 1) ``dora_scale``,
 ``ModuleAdapter.dora_norm == "adapted"``), which stock ComfyUI does not read (PEFT) or renders with the norm of the
-un-adapted weight (its output-axis branch), unlike PEFT and LyCORIS. Such a module is rendered here with PEFT's formula against the model's current weight W and handed to the
-host as a full-rank diff D = m ⊙ (W + ΔW) / ‖W + ΔW‖_row − W, so strength s gives W + s·D (ComfyUI's DoRA strength).
+un-adapted weight (its output-axis branch), unlike PEFT and LyCORIS. Such a module is rendered here with PEFT's
+formula against the model's current weight W and handed to the host as a full-rank diff
+D = m ⊙ (W + ΔW) / ‖W + ΔW‖_row − W, so strength s gives W + s·D (ComfyUI's DoRA strength).
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import replace
 from typing import Mapping, Sequence
 
 import comfy.lora
 import torch
 
-from ..adapters.adapter import Adapter, ModuleAdapter, check_fits
-from ..blocks import ROLES
+from ..adapters.adapter import Adapter, ModuleAdapter
+from ..arch.sdxl import ROLES
+from ..compose.plan import Static
 from ..adapters.dora import dora_weight
 from ..errors import ArchitectureError, BLoRAError
 from ..formats.keys import from_canonical
 from ..adapters.kinds.full import Full
-
-log = logging.getLogger(__name__)
+from . import compat
+from .routed import RoutedLinear
+from .timed import LayerDelta
 
 UNET_PREFIX = "diffusion_model."
-TEXT_ENCODER_PREFIXES = ("te1:", "te2:")
 SHOWN = 5  # module names quoted in an error before "… and N more"
 PEFT_DORA = "adapted"  # ModuleAdapter.dora_norm of PEFT/paper DoRA
+
+
+def weight_key(path: str) -> str:
+    return f"{UNET_PREFIX}{path}.weight"
+
+
+def bias_key(path: str) -> str:
+    return f"{UNET_PREFIX}{path}.bias"
 
 
 def model_weight_shapes(model) -> dict[str, tuple[int, ...]]:
@@ -60,27 +70,22 @@ def require_sdxl(model, shapes: Mapping[str, tuple[int, ...]] | None = None) -> 
                                     f"attention block {ldm} ({role} block)")
 
 
-def _unet_part(adapter: Adapter) -> Adapter:
-    """The adapter without text-encoder modules (this patches MODEL only), logging what it leaves out."""
-    te = {p for p in adapter.modules if p.startswith(TEXT_ENCODER_PREFIXES)}
-    if not te:
-        return adapter
-    log.info("%s: %d text-encoder modules ignored (B-LoRA patches the MODEL only)", adapter.source or "adapter",
-             len(te))
-    return replace(adapter, modules={p: m for p, m in adapter.modules.items() if p not in te})
-
-
 def _kohya_name(path: str) -> str:
     return "lora_unet_" + path.replace(".", "_")
 
 
-def _listing(names: Sequence[str]) -> str:
+def listing(names: Sequence[str]) -> str:
     more = f" … and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
     return ", ".join(names[:SHOWN]) + more
 
 
+def key_map(model) -> dict[str, str]:
+    """The host's kohya name -> weight key map of the model's UNet."""
+    return comfy.lora.model_lora_keys_unet(model.model, {})
+
+
 def host_patches(adapter: Adapter, key_map: Mapping[str, str]) -> dict:
-    """Host patch dict (weight key -> host weight adapter) for every module of a UNet-only adapter.
+    """Host patch dict (weight key or bias key -> host weight adapter) for every module of a UNet-only adapter.
 
     key_map: ``comfy.lora.model_lora_keys_unet`` of the target model. Raises if any module is not loaded."""
     state_dict = from_canonical(adapter, "kohya")
@@ -95,17 +100,16 @@ def host_patches(adapter: Adapter, key_map: Mapping[str, str]) -> dict:
     refused = [p for p in adapter.modules if key_map[_kohya_name(p)] not in patches]
     if stray or refused:
         raise BLoRAError(f"{adapter.source or 'adapter'}: the host's LoRA loader did not load "
-                         f"{len(stray) + len(refused)} module(s): {_listing(stray + refused)}")
+                         f"{len(stray) + len(refused)} module(s): {listing(stray + refused)}")
     return patches
 
 
-def current_weight(key_patches: Mapping[str, list], path: str) -> torch.Tensor:
-    """fp32 weight of module ``path`` as the model renders it (its stored weight, never an in-place patched one, with
-    the model's own patches). key_patches: ``ModelPatcher.get_key_patches(UNET_PREFIX)``."""
-    key = UNET_PREFIX + path + ".weight"
-    (weight, convert), *patches = key_patches[key]
-    w = convert(weight.to(torch.float32, copy=True), inplace=True)
-    return comfy.lora.calculate_weight(patches, w, key) if patches else w
+def current_weight(key_patches: Mapping[str, list], path: str, key: str | None = None) -> torch.Tensor:
+    """fp32 weight of module ``path`` (or any ``key``) as the model renders it (its stored weight, never an in-place
+    patched one, with the model's own patches). key_patches: ``ModelPatcher.get_key_patches(UNET_PREFIX)``."""
+    key = weight_key(path) if key is None else key
+    w, patches = compat.stored_weight(key_patches, key)
+    return compat.render(patches, w, key) if patches else w
 
 
 def peft_dora_diff(module: ModuleAdapter, weight: torch.Tensor, dtype: torch.dtype) -> ModuleAdapter:
@@ -117,45 +121,66 @@ def peft_dora_diff(module: ModuleAdapter, weight: torch.Tensor, dtype: torch.dty
     return ModuleAdapter(Full.name, {"diff": diff.to(dtype), **extra})
 
 
-def _render_peft_dora(model, parts: Sequence[tuple[Adapter, float]]) -> list[tuple[Adapter, float]]:
-    """The parts with every PEFT DoRA module replaced by its diff against the model's current weight."""
-    if not any(m.dora_norm == PEFT_DORA for a, _ in parts for m in a.modules.values()):
-        return list(parts)
-    key_patches = model.get_key_patches(UNET_PREFIX)
-
-    def render(path: str, module: ModuleAdapter) -> ModuleAdapter:
-        if module.dora_norm != PEFT_DORA:
-            return module
-        stored = key_patches[UNET_PREFIX + path + ".weight"][0][0].dtype
-        dtype = stored if stored.itemsize >= 2 else torch.bfloat16  # 8-bit weights: a 16-bit diff
-        return peft_dora_diff(module, current_weight(key_patches, path), dtype)
-
-    return [(replace(a, modules={p: render(p, m) for p, m in a.modules.items()}), s) for a, s in parts]
+def render_peft_dora(path: str, module: ModuleAdapter, key_patches: Mapping[str, list]) -> ModuleAdapter:
+    """``module`` itself, or for a PEFT DoRA module its diff against the model's current weight (module docstring)."""
+    if module.dora_norm != PEFT_DORA:
+        return module
+    stored = compat.stored_dtype(key_patches, weight_key(path))
+    dtype = stored if stored.itemsize >= 2 else torch.bfloat16  # 8-bit weights: a 16-bit diff
+    return peft_dora_diff(module, current_weight(key_patches, path), dtype)
 
 
-def patched_clone(model, parts: Sequence[tuple[Adapter, float]]):
-    """A clone of ``model`` (ModelPatcher) with each adapter added at its strength: W' = W + s·ΔW per module.
+def _low_rank(module: ModuleAdapter):
+    """The module's (up, down) weight factors when its ΔW is exactly scale · up @ down (no DoRA), else None."""
+    return None if module.dora_scale is not None else module.spec.low_rank(module.tensors)
 
-    The base model is never modified. Everything is checked before the clone is patched: an SDXL-architecture
-    model, every module present with its shape. Text-encoder modules are ignored; strength-0 parts are skipped.
-    PEFT DoRA modules are rendered with PEFT's formula against the input model's current weight (module docstring)."""
-    shapes = model_weight_shapes(model)
-    require_sdxl(model, shapes)
-    unet_parts = [(_unet_part(adapter), float(strength)) for adapter, strength in parts]
-    for adapter, _ in unet_parts:
-        check_fits(adapter, shapes)
-    todo = [(a, s) for a, s in unet_parts if a.modules and s != 0.0]
-    if not todo:
-        return model.clone()
-    todo = _render_peft_dora(model, todo)
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    loaded = [(host_patches(adapter, key_map), strength, adapter) for adapter, strength in todo]
-    clone = model.clone()
-    for patches, strength, adapter in loaded:
-        accepted = set(clone.add_patches(patches, strength))
-        refused = sorted(str(k) for k in patches if k not in accepted)
-        if refused:
-            raise BLoRAError(f"{adapter.source or 'adapter'}: the model refused {len(refused)} patch(es): "
-                             f"{_listing(refused)}")
-        log.debug("%s: %d modules patched at strength %g", adapter.source or "adapter", len(patches), strength)
-    return clone
+
+def _bias_delta(key_patches, patches: Mapping, path: str, strength: float = 1.0) -> torch.Tensor | None:
+    """The bias difference the host adds for ``patches`` at ``strength`` (fp32), or None without one."""
+    key = bias_key(path)
+    if key not in patches:
+        return None
+    b, _ = compat.stored_weight(key_patches, key)
+    return compat.render([compat.patch_tuple(patches[key], strength)], b.clone(), key) - b
+
+
+def timed_delta(key_patches, keys: Mapping[str, str], path: str, part: Static) -> tuple[LayerDelta, LayerDelta | None]:
+    """(weight delta, bias delta or None) ``part``'s module adds at strength 1, float32: a plain LoRA's weight as its
+    factors (scale · up, down), the rest as (host-patched tensor − stored tensor) by the host's calculate_weight on
+    the unpatched tensor. keys: ``key_map(model)``."""
+    module = render_peft_dora(path, part.module, key_patches)
+    patches = host_patches(Adapter(modules={path: module}, source=part.source), keys)
+    bias = _bias_delta(key_patches, patches, path)
+    bias = LayerDelta(dense=bias) if bias is not None else None
+    f = _low_rank(module)
+    if f is not None:
+        return LayerDelta(up=f.up.float() * module.scale, down=f.down.float()), bias
+    key = weight_key(path)
+    w, _ = compat.stored_weight(key_patches, key)
+    patched = compat.render([compat.patch_tuple(patches[key])], w.clone(), key)
+    return LayerDelta(dense=patched - w), bias
+
+
+def routed_dense(key_patches, keys: Mapping[str, str], path: str, per_entry: Sequence[Sequence[Static]]) -> RoutedLinear:
+    """Each entry's ΔW (and Δb) as the host renders it on the model's current weight."""
+    wkey, bkey = weight_key(path), bias_key(path)
+    base_w = current_weight(key_patches, path)
+    dense = torch.zeros(len(per_entry), *base_w.shape)
+    bias = None
+    for e, parts in enumerate(per_entry):
+        w = base_w.clone()
+        b_patches = []
+        for part in parts:
+            module = render_peft_dora(path, part.module, key_patches)
+            adapter = Adapter(modules={path: module}, source=f"{path} (entry {e + 1})")
+            patches = host_patches(adapter, keys)
+            w = compat.render([compat.patch_tuple(patches[wkey], part.strength)], w, wkey)
+            if bkey in patches:
+                b_patches.append(compat.patch_tuple(patches[bkey], part.strength))
+        dense[e] = (w - base_w).cpu()
+        if b_patches:
+            if bias is None:
+                bias = torch.zeros(len(per_entry), base_w.shape[0])
+            base_bias, _ = compat.stored_weight(key_patches, bkey)
+            bias[e] = (compat.render(b_patches, base_bias.clone(), bkey) - base_bias).cpu()
+    return RoutedLinear(path, dense=dense, bias=bias)

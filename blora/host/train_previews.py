@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ import torch
 
 from ..errors import BLoRAError
 from ..train.seeds import SeedsLoRA
+from . import compat
+from .realise import one_seed
 from ..train.previews import VIEWS, ValidationSettings, is_preview_step, preview_grid, preview_row, view_multipliers
 
 log = logging.getLogger(__name__)
@@ -61,42 +62,6 @@ def multipliers(adapters: dict[str, Any], values: dict[str, float]) -> Iterator[
     finally:
         for p, a in adapters.items():
             a.multiplier = before[p]
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
-
-
-@contextlib.contextmanager
-def hooks_set_aside(module: torch.nn.Module) -> Iterator[None]:
-    """Every forward (pre-)hook of ``module`` and its children removed while the body runs, then put back."""
-    saved = []
-    try:
-        for m in module.modules():
-            kept = {name: getattr(m, name) for name in _HOOK_DICTS if getattr(m, name, None)}
-            for name, hooks in kept.items():
-                setattr(m, name, type(hooks)())
-            if kept:
-                saved.append((m, kept))
-        yield
-    finally:
-        for m, kept in saved:
-            for name, hooks in kept.items():
-                setattr(m, name, hooks)
-
-
-@contextlib.contextmanager
-def one_seed(unet: torch.nn.Module, adapters: dict[str, SeedsLoRA], n: int) -> Iterator[None]:
-    """Stacked seeds: every row of the batch goes through seed n's adapters (the training hooks set aside)."""
-    with hooks_set_aside(unet):
-        handles = [unet.get_submodule(p).register_forward_hook(
-            lambda module, inputs, output, a=a: output + a.seed_delta(n, inputs[0]).to(output.dtype))
-            for p, a in adapters.items()]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
 
 
 def _rng_devices() -> list[int]:
@@ -195,9 +160,8 @@ LIVE_SUBFOLDER = "blora_previews"
 def live_sender(node_id: str | None) -> Callable[[PreviewRow], None] | None:
     """While a ComfyUI server runs in this process: each new row is written to the temp folder and announced to
     the prompt's client as ``blora.train.preview`` {node, step, seed, image: {filename, subfolder, type}}."""
-    server = sys.modules.get("server")  # the host's server module, loaded only when a server runs
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is None or node_id is None:
+    post = compat.client_sender(PREVIEW_EVENT)
+    if post is None or node_id is None:
         return None
     run = uuid.uuid4().hex[:8]
     folder = os.path.join(folder_paths.get_temp_directory(), LIVE_SUBFOLDER)
@@ -206,7 +170,6 @@ def live_sender(node_id: str | None) -> Callable[[PreviewRow], None] | None:
         os.makedirs(folder, exist_ok=True)
         name = f"train_{node_id}_{run}_seed{row.seed}_step{row.step:06d}.png"
         save_png(row.image, os.path.join(folder, name))
-        instance.send_sync(PREVIEW_EVENT, {"node": node_id, "step": row.step, "seed": row.seed,
-                                           "image": {"filename": name, "subfolder": LIVE_SUBFOLDER, "type": "temp"}},
-                           instance.client_id)
+        post({"node": node_id, "step": row.step, "seed": row.seed,
+              "image": {"filename": name, "subfolder": LIVE_SUBFOLDER, "type": "temp"}})
     return send

@@ -1,43 +1,35 @@
-"""Trainable adapters on the host's ModelPatcher, and the temporary state training needs on the shared UNet.
+"""The temporary state training needs on the shared UNet, besides its trainable layers (those the plan realiser
+installs: ``training_plan`` says how; ``blora.host.realise.installed`` holds them for the run).
 
-- ``trainable_clone``: a clone of the input ModelPatcher with one weight wrapper per targeted Linear
-  (``ModelPatcher.add_weight_wrapper``); nothing else is wrapped.
+- ``training_plan``: the adapters as ``Trained`` plan entries: on the activations (``output_delta``: LoRA, rsLoRA,
+  LoRA+, AdaLoRA, LoKr; stacked seeds) or as weight functions (DoRA, LoHa); with shared seed draws, the widening of
+  the batch to N·B rows from the first trained layer on (``Widen``).
 - ``frozen_aliases``: while training, every UNet parameter is replaced by a zero-copy alias of the same storage
   that is an ordinary (not inference-mode) tensor with ``requires_grad=False``. Weights a node receives are
   inference tensors, which autograd refuses to save for backward; the aliases cost no memory and no copies, and
   since no host parameter requires grad, nothing before the first adapter is recorded for backward (the input
   side and the middle block do no backward work for the default preset). The original Parameter objects are
   put back on exit, even after an error or an interrupt: the base weights are never written.
-- ``checkpointed``: gradient checkpointing of the layers from the first trained layer to the output.
+- ``checkpoint_units``: what gradient checkpointing recomputes: nothing (``off``), the transformer blocks holding
+  trained layers (``trained blocks``, the default, as the minimal loop does) or every layer from the first trained
+  one to the output (``all above``); ``checkpointed`` installs it.
+- ``offloaded``: with ``offload``, the Linear and conv layers of the backward region outside those units keep only
+  their input for backward and run again there (so a weight streamed to the device for one call is not held by
+  the graph until backward: the host's trainer does the same for its offloading).
+- ``training_session``: all of the above, and grad mode and the host's training flag, for the loop's duration.
 """
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Iterator, Mapping
 
 import torch
 import torch.utils.checkpoint
 
-from ..adapters.trainable import Trainable
-from .dynamic_vram import keep_weight_functions
-
-UNET_PREFIX = "diffusion_model."
-
-
-def weight_key(path: str) -> str:
-    return f"{UNET_PREFIX}{path}.weight"
-
-
-def trainable_clone(model, adapters: Mapping[str, Trainable], compute_dtype: torch.dtype | None):
-    """A clone of ``model`` whose targeted weights go through their adapter (W -> adapter(W)) in every forward.
-
-    compute_dtype: set as the clone's manual-cast dtype when it differs from the weights' dtype."""
-    clone = model.clone()
-    if compute_dtype is not None and compute_dtype != clone.model.get_dtype():
-        clone.set_model_compute_dtype(compute_dtype)
-    for path, adapter in adapters.items():
-        clone.add_weight_wrapper(weight_key(path), adapter)
-    return keep_weight_functions(clone)
+from ..compose.plan import Plan, Widen, trained_plan
+from . import compat
+from .compat import training_flag
 
 
 def _alias(t: torch.Tensor) -> torch.nn.Parameter:
@@ -47,9 +39,7 @@ def _alias(t: torch.Tensor) -> torch.nn.Parameter:
     with torch.inference_mode(False):
         alias = torch.nn.Parameter(torch.empty(0, dtype=t.dtype, device=t.device).set_(
             t.untyped_storage(), t.storage_offset(), t.size(), t.stride()), requires_grad=False)
-    for name, value in vars(t).items():
-        setattr(alias, name, value)
-    return alias
+    return compat.copy_host_tags(t, alias)
 
 
 @contextlib.contextmanager
@@ -67,16 +57,6 @@ def frozen_aliases(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for owner, name, p in originals:
             owner._parameters[name] = p
-
-
-def strip_wrappers(module: torch.nn.Module, adapters: Mapping[str, Trainable]) -> None:
-    """Remove the adapters from the modules' weight functions (the host would on its next load; this makes sure
-    no later call of the shared UNet runs them)."""
-    ours = {id(a) for a in adapters.values()}
-    for m in module.modules():
-        functions = getattr(m, "weight_function", None)
-        if functions and any(id(f) in ours for f in functions):
-            m.weight_function = [f for f in functions if id(f) not in ours]
 
 
 def unet_layers(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -111,17 +91,126 @@ def _checkpointing_forward(forward):
 
 
 @contextlib.contextmanager
-def checkpointed(layers: list[tuple[str, torch.nn.Module]], enabled: bool = True) -> Iterator[None]:
-    """Run each layer's forward under non-reentrant gradient checkpointing; restore the forwards on exit."""
+def _forwards_replaced(modules, make) -> Iterator[None]:
+    """Each module's forward replaced by ``make(forward)``; the originals restored on exit."""
     patched = []
     try:
-        for _, layer in (layers if enabled else []):
-            patched.append((layer, layer.__dict__.get("forward")))
-            layer.forward = _checkpointing_forward(layer.forward)
+        for module in modules:
+            patched.append((module, module.__dict__.get("forward")))
+            module.forward = make(module.forward)
         yield
     finally:
-        for layer, previous in patched:
+        for module, previous in reversed(patched):
             if previous is None:
-                del layer.forward
+                del module.forward
             else:
-                layer.forward = previous
+                module.forward = previous
+
+
+@contextlib.contextmanager
+def checkpointed(layers: list[tuple[str, torch.nn.Module]], enabled: bool = True) -> Iterator[None]:
+    """Run each layer's forward under non-reentrant gradient checkpointing; restore the forwards on exit."""
+    with _forwards_replaced([layer for _, layer in layers] if enabled else [], _checkpointing_forward):
+        yield
+
+
+_BLOCK = re.compile(r"^(.*\.transformer_blocks\.\d+)\.")
+
+
+def trained_blocks(unet: torch.nn.Module, targets: list[str]) -> list[tuple[str, torch.nn.Module]]:
+    """The transformer blocks holding targets (a target outside any: the UNet layer holding it), in UNet order."""
+    region = grad_region(unet, targets)
+    names = set()
+    for t in targets:
+        block = _BLOCK.match(t)
+        if block is not None:
+            names.add(block.group(1))
+        else:
+            names.update(name for name, _ in region if t.startswith(name + "."))
+    order = {name: i for i, (name, _) in enumerate(unet.named_modules())}
+    return [(n, unet.get_submodule(n)) for n in sorted(names, key=lambda n: order.get(n, 0))]
+
+
+def checkpoint_units(unet: torch.nn.Module, targets: list[str], mode: str) -> list[tuple[str, torch.nn.Module]]:
+    """What backward recomputes for a ``gradient_checkpointing`` mode (``blora.train.recipe.CHECKPOINTING``)."""
+    if mode == "off":
+        return []
+    if mode == "all above":
+        return grad_region(unet, targets)
+    return trained_blocks(unet, targets)
+
+
+class _Recomputed(torch.autograd.Function):
+    """y = forward(x) keeping only x: backward runs forward again under grad and back-propagates through it (the
+    weights it uses are streamed again; parameters it reaches, an adapter's, get their gradients there)."""
+
+    @staticmethod
+    def forward(ctx, x, forward):
+        ctx.save_for_backward(x)
+        ctx.run = forward
+        with torch.no_grad():
+            return forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        run, ctx.run = ctx.run, None
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            torch.autograd.backward(run(x), grad)
+        return x.grad, None
+
+
+def _recomputing_forward(forward):
+    def run(x, *args, **kwargs):
+        if args or kwargs or not torch.is_grad_enabled() or not isinstance(x, torch.Tensor):
+            return forward(x, *args, **kwargs)
+        return _Recomputed.apply(x, forward)
+    return run
+
+
+def offload_units(region: list[tuple[str, torch.nn.Module]], units: list[tuple[str, torch.nn.Module]],
+                  weight_functions=()):
+    """The Linear and conv modules of the backward region outside the checkpointed units, but those trained as
+    weight functions (their adapter's parameters must see the forward's graph)."""
+    inside = {id(m) for _, unit in units for m in unit.modules()} | {id(m) for m in weight_functions}
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return [m for _, layer in region for m in layer.modules() if isinstance(m, kinds) and id(m) not in inside]
+
+
+@contextlib.contextmanager
+def offloaded(modules) -> Iterator[None]:
+    """Each module keeps only its input for backward (``_Recomputed``)."""
+    with _forwards_replaced(modules, _recomputing_forward):
+        yield
+
+
+def training_plan(unet: torch.nn.Module, adapters: Mapping[str, torch.nn.Module], config) -> Plan:
+    """The trainable layers as a plan for the realiser: each adapter on the activations when it says
+    ``on_activations``, else as a weight function; compute dtype the training dtype; seeds with shared draws widen
+    the batch at every layer from the first trained one (``grad_region``)."""
+    widen = None
+    if config.seeds > 1 and config.seed_draws == "shared":
+        layers = tuple(name for name, _ in grad_region(unet, list(adapters)))
+        widen = Widen(seeds=config.seeds, rows=config.batch_size, layers=layers)
+    return trained_plan(adapters, compute_dtype=config.dtype, widen=widen)
+
+
+@contextlib.contextmanager
+def training_session(unet: torch.nn.Module, adapters: Mapping[str, torch.nn.Module], targets: list[str], config,
+                     ) -> Iterator[None]:
+    """Everything the loop needs on the loaded UNet besides the trainable layers (``realise.installed``), undone on
+    exit (even after an error or an interrupt): frozen aliases, checkpointing per ``config.gradient_checkpointing``,
+    offloaded layers (``config.offload``), grad mode, the training flag."""
+    region = grad_region(unet, targets)
+    units = checkpoint_units(unet, targets, config.gradient_checkpointing)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(frozen_aliases(unet))
+        stack.enter_context(checkpointed(units))
+        if config.offload:
+            weight_functions = [unet.get_submodule(p) for p, a in adapters.items()
+                                if not getattr(a, "on_activations", False)]
+            stack.enter_context(offloaded(offload_units(region, units, weight_functions)))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(training_flag())
+        yield

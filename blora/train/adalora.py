@@ -35,6 +35,7 @@ class TrainableSVD(Trainable):
 
     kind = LoRA.name
     plus = ("up",)
+    factored = True
 
     @classmethod
     def create(cls, weight: torch.Tensor, rank: int, scale: float, generator: torch.Generator) -> "TrainableSVD":
@@ -64,6 +65,12 @@ class TrainableSVD(Trainable):
 
     def delta(self) -> torch.Tensor:
         return self.scale * (self.up @ (self.down * self.singular))
+
+    def apply_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """((x Qᵀ) ⊙ Λ) Pᵀ: rank-r work per row."""
+        linear = torch.nn.functional.linear
+        hidden = linear(x, self.down.to(x.dtype)) * self.singular.reshape(-1).to(x.dtype)
+        return linear(hidden, self.up.to(x.dtype))
 
     def orthogonality(self) -> torch.Tensor:
         """‖PᵀP − I‖_F + ‖QQᵀ − I‖_F (two of the regulariser's terms)."""

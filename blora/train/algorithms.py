@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 import torch
@@ -24,6 +24,7 @@ from ..adapters.kinds.loha import LoHa, TrainableLoHa
 from ..adapters.kinds.lokr import LoKr, TrainableLoKr
 from ..adapters.kinds.lora import LoRA, TrainableLoRA
 from ..adapters.trainable import Trainable
+from .seeds import SeedsLoRA, seeds_of
 from .recipe import ALGORITHMS, TrainConfig
 
 
@@ -31,7 +32,8 @@ from .recipe import ALGORITHMS, TrainConfig
 class Algorithm:
     """fresh: a new adapter for a weight (out, in); resumed: an adapter continuing a saved module; kind: what the
     file holds; adaptive: ranks change while training (resume accepts lower ranks and pruned modules);
-    lycoris_args: the LyCORIS network arguments of the run (kohya ``ss_network_args``), None for plain LoRA."""
+    lycoris_args: the LyCORIS network arguments of the run (kohya ``ss_network_args``), None for plain LoRA;
+    stacked: how ``seeds`` > 1 stacks one fresh adapter per seed into one module (None: not batched per seed)."""
 
     name: str
     kind: str
@@ -39,11 +41,12 @@ class Algorithm:
     resumed: Callable[[ModuleAdapter], Trainable]
     adaptive: bool = False
     lycoris_args: Callable[[TrainConfig], dict[str, str]] | None = None
+    stacked: Callable[[list[Trainable]], torch.nn.Module] | None = None
 
 
 REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("LoRA", LoRA.name, lambda w, c, g: TrainableLoRA.create(w, c.rank, c.scale, False, g, c.init),
-              TrainableLoRA.from_module),
+              TrainableLoRA.from_module, stacked=SeedsLoRA),
     Algorithm("DoRA", LoRA.name, lambda w, c, g: TrainableLoRA.create(w, c.rank, c.scale, True, g, c.init),
               TrainableLoRA.from_module),
     Algorithm("LoKr", LoKr.name, lambda w, c, g: TrainableLoKr.create(
@@ -66,6 +69,26 @@ def new_adapters(weights: Mapping[str, torch.Tensor], config: TrainConfig) -> di
     generator = torch.Generator().manual_seed(config.seed)
     algorithm = REGISTRY[config.algorithm]
     return {p: algorithm.fresh(weights[p], config, generator) for p in sorted(weights)}
+
+
+def check_stackable(config: TrainConfig) -> None:
+    """``seeds`` > 1 needs an algorithm the registry can stack per seed, and no fp16 (one loss scale would tie the
+    seeds together). Raises BLoRAError."""
+    if config.seeds > 1 and REGISTRY[config.algorithm].stacked is None:
+        raise BLoRAError(f"seeds > 1 batches plain LoRA only; {config.algorithm} cannot be trained as stacked "
+                         f"factors: set seeds to 1 and train each seed on its own")
+    if config.seeds > 1 and config.training_dtype == "fp16":
+        raise BLoRAError("seeds > 1 does not train in fp16 (one loss scale would tie the seeds together): use bf16 "
+                         "or fp32")
+
+
+def stacked_adapters(weights: Mapping[str, torch.Tensor], config: TrainConfig) -> dict[str, torch.nn.Module]:
+    """``config.seeds`` fresh adapters per target, seed n's drawn exactly as a single-seed run with seed + n draws
+    them, stacked into one module per target (``Algorithm.stacked``)."""
+    check_stackable(config)
+    singles = [new_adapters(weights, replace(config, seed=s, seeds=1)) for s in seeds_of(config.seed, config.seeds)]
+    stack = REGISTRY[config.algorithm].stacked
+    return {p: stack([single[p] for single in singles]) for p in sorted(weights)}
 
 
 def _shapes(adapter: Trainable) -> dict[str, tuple[int, ...]]:

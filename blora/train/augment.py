@@ -1,7 +1,8 @@
-"""Pixel operations on training images, on kornia: antialiased resize, horizontal flip, and the augmentations
-random crop and colour jitter. Images here are (H, W, 3) float32 in [0, 1] (ComfyUI's IMAGE layout); kornia
-works on (B, C, H, W), einops converts. Every random draw comes from a caller's ``torch.Generator`` so a run is
-repeatable, and kornia is used through its functional ops (its augmentation modules draw from the global RNG).
+"""Pixel operations on training images, on kornia: antialiased resize and the augmentations random crop and
+colour jitter (the horizontal flip mirrors the encoded latent instead: ``blora.host.train_inputs``). Images here
+are (H, W, 3) float32 in [0, 1] (ComfyUI's IMAGE layout); kornia works on (B, C, H, W), einops converts.
+Every random draw comes from a caller's ``torch.Generator`` so a run is repeatable, and kornia is used through its
+functional ops (its augmentation modules draw from the global RNG).
 """
 from __future__ import annotations
 
@@ -23,11 +24,6 @@ def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     bchw = rearrange(image, "h w c -> 1 c h w")
     out = kornia.geometry.transform.resize(bchw, tuple(size), interpolation="bicubic", antialias=True)
     return rearrange(out, "1 c h w -> h w c").clamp(0.0, 1.0).contiguous()
-
-
-def hflip(image: torch.Tensor) -> torch.Tensor:
-    """The mirror image (left-right) of (H, W, 3)."""
-    return rearrange(kornia.geometry.transform.hflip(rearrange(image, "h w c -> 1 c h w")), "1 c h w -> h w c")
 
 
 @dataclass(frozen=True)

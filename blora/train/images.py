@@ -1,12 +1,13 @@
-"""Training images: whatever a graph feeds in, made into RGB float images of the training size.
+"""Training images: whatever a graph feeds in, made into RGB float images, and the training size of each.
 
 IMAGE tensors in ComfyUI are (B, H, W, C) float in [0, 1]. Odd inputs are handled so:
 - channels: 1 (grayscale) is repeated to RGB, 3 is kept, 4 (RGBA) drops alpha as the host's image loader does;
   any other count is refused;
 - integer tensors are scaled by their range (uint8: 255; wider integers hold 16-bit data: 65535); float values a
   little outside [0, 1] are clamped, values far outside are refused (likely 0-255 data);
-- size: each image is resized on its own so its short side is ``resolution`` (aspect kept), each side rounded to
-  a multiple of ``multiple`` (the latent grid), with antialiasing (kornia, ``blora.train.augment``); no crop.
+- size (``training_size``): each image's short side at ``resolution`` (aspect kept), each side rounded to a
+  multiple of ``multiple`` (the latent grid); the training set (``blora.train.dataset``) resizes each image on its
+  own to that size, antialiased (``blora.train.augment``); no crop.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from typing import Sequence
 import torch
 
 from ..errors import BLoRAError
-from .augment import resize
 
 INTEGER_RANGES = {torch.uint8: 255.0, torch.int16: 65535.0, torch.int32: 65535.0, torch.int64: 65535.0,
                   **({torch.uint16: 65535.0} if hasattr(torch, "uint16") else {})}
@@ -72,17 +72,3 @@ def unit_rgb(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor
         out.append(_rgb(_unit_range(image, index), index).float())
     return out
 
-
-def prepare_images(images: torch.Tensor | Sequence[torch.Tensor], resolution: int,
-                   multiple: int = 8) -> list[torch.Tensor]:
-    """One (H', W', 3) float32 image in [0, 1] per input image, each resized to the training size (antialiased
-    bicubic, ``blora.train.augment.resize``).
-
-    images: an IMAGE tensor (B, H, W, C) or a sequence of (H, W, C) / (B, H, W, C) tensors of any sizes."""
-    return [resize(rgb, training_size(rgb.shape[0], rgb.shape[1], resolution, multiple)).contiguous()
-            for rgb in unit_rgb(images)]
-
-
-def original_sizes(images: torch.Tensor | Sequence[torch.Tensor]) -> list[tuple[int, int]]:
-    """(height, width) of each input image before resizing (SDXL's original-size conditioning)."""
-    return [(int(i.shape[0]), int(i.shape[1])) for i in _split(images)]

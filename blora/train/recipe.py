@@ -8,6 +8,7 @@ distribution with std 1/rank, up matrices zero (diffusers' LoRALinearLayer).
 """
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from dataclasses import dataclass, fields
@@ -15,9 +16,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from ..blocks import ROLES, block_of, resolve_block
+from ..arch.sdxl import ROLES, block_of, resolve_block
 from ..errors import BLoRAError
 from ..adapters.kinds.lora import INITIALISATIONS
+from ..formats.files import DTYPES
 
 # Preset name -> roles whose blocks get adapters. "custom" selects by layer_filter alone.
 BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
@@ -30,10 +32,12 @@ BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
 ALGORITHMS = ("LoRA", "DoRA", "LoKr", "LoHa", "AdaLoRA")  # how each trains: blora.train.algorithms
 LYCORIS_ALGORITHMS = ("LoKr", "LoHa")
 OPTIMIZERS = ("AdamW", "SGD")
-TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TRAINING_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp16", "fp32")}  # in the node's order
+SAVE_PRECISIONS = DTYPES
 SEED_DRAWS = ("shared", "own")  # seeds > 1: every seed uses the draws of `seed`, or seed + n its own
-# Which layers recompute their activations in backward: none, the trained region, or also the layers below it.
+# What backward recomputes instead of keeping: nothing; the transformer blocks holding trained layers (the
+# default: about the minimal loop's memory at a few percent of step time); every layer from the first trained
+# block to the output (the least memory, the most recomputation).
 CHECKPOINTING = ("off", "trained blocks", "all above")
 
 # The original trainer's targets inside an attention block: q, k, v, out of both attentions, nothing else.
@@ -69,11 +73,10 @@ class TrainConfig:
     selects the modules, otherwise it narrows the preset. rank/alpha: LoRA scale alpha/rank (alpha/sqrt(rank) with
     rslora). loraplus_ratio: learning-rate multiplier of the up matrices (LoRA+). steps: optimizer steps, each of
     grad_accumulation micro-batches of batch_size images. resolution: short side in pixels (aspect kept).
-    gradient_checkpointing: CHECKPOINTING (a bool is read as True: "trained blocks", False: "off"); offload: keep
-    what training does not need at the moment off the GPU. save_every: checkpoint period in steps (0: only at the
-    end). seeds: B-LoRAs trained at once, initialised from
+    save_every: checkpoint period in steps (0: only at the end). seeds: B-LoRAs trained at once, initialised from
     seed, seed + 1, … (``blora.host.train_seeds``); seed_draws: their timesteps and noise: ``shared`` (those of seed)
-    or ``own`` (seed + n).
+    or ``own`` (seed + n). gradient_checkpointing: a CHECKPOINTING name (True: "trained blocks", False: "off").
+    offload: stream the frozen weights to the device layer by layer (the host's partial load) for small GPUs.
     LyCORIS (LoKr, LoHa): dora_wd adds DoRA's magnitude (input axis); lokr_factor splits dimensions for the
     Kronecker product (-1: most balanced), lokr_decompose_both factors w1 too, lokr_full_matrix keeps both factors
     full. AdaLoRA: rank is the initial rank, adalora_target_rank the average rank at the end (0: half the rank);
@@ -103,7 +106,6 @@ class TrainConfig:
     init: str = "gaussian"
     training_dtype: str = "bf16"
     gradient_checkpointing: str = "trained blocks"
-    offload: bool = False
     save_every: int = 0
     save_precision: str = "fp16"
     betas: tuple[float, float] = (0.9, 0.999)
@@ -120,11 +122,12 @@ class TrainConfig:
     adalora_final: float = 0.2
     adalora_interval: int = 10
     adalora_orth_reg: float = 0.5
+    offload: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.gradient_checkpointing, bool):  # the old boolean: True was the trained region
-            mode = "trained blocks" if self.gradient_checkpointing else "off"
-            object.__setattr__(self, "gradient_checkpointing", mode)
+        if isinstance(self.gradient_checkpointing, bool):  # the node's old switch
+            object.__setattr__(self, "gradient_checkpointing", "trained blocks" if self.gradient_checkpointing
+                               else "off")
         problems = [
             _choice("blocks", self.blocks, BLOCK_PRESETS), _regex("layer_filter", self.layer_filter),
             _at_least("rank", self.rank, 1), _positive("alpha", self.alpha),
@@ -135,10 +138,10 @@ class TrainConfig:
             _at_least("resolution", self.resolution, 64), _at_least("seed", self.seed, 0),
             _choice("init", self.init, INITIALISATIONS), _at_least("color_jitter", self.color_jitter, 0.0),
             _choice("training_dtype", self.training_dtype, TRAINING_DTYPES),
+            _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING),
             _at_least("save_every", self.save_every, 0),
             _choice("save_precision", self.save_precision, SAVE_PRECISIONS), _at_least("seeds", self.seeds, 1),
             _choice("seed_draws", self.seed_draws, SEED_DRAWS),
-            _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING),
             _positive("eps", self.eps), _at_least("max_grad_norm", self.max_grad_norm, 0.0),
         ]
         if self.blocks == "custom" and not self.layer_filter.strip():
@@ -292,9 +295,16 @@ def param_groups(adapters: Mapping[str, torch.nn.Module], config: TrainConfig) -
             {"params": up, "lr": config.learning_rate * config.loraplus_ratio, "name": "up"}]
 
 
+def _fused(groups: list[dict]) -> dict:
+    """``fused=True`` where every parameter is on a CUDA device and this torch's AdamW has the fused kernel."""
+    params = [p for g in groups for p in g["params"]]
+    ok = params and all(p.is_cuda for p in params) and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return {"fused": True} if ok else {}
+
+
 OPTIMIZER_FACTORIES: dict[str, Callable[[list[dict], TrainConfig], torch.optim.Optimizer]] = {
     "AdamW": lambda groups, c: torch.optim.AdamW(groups, lr=c.learning_rate, betas=c.betas, eps=c.eps,
-                                                 weight_decay=c.weight_decay),
+                                                 weight_decay=c.weight_decay, **_fused(groups)),
     "SGD": lambda groups, c: torch.optim.SGD(groups, lr=c.learning_rate, weight_decay=c.weight_decay),
 }
 

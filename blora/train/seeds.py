@@ -34,7 +34,9 @@ class SeedsLoRA(torch.nn.Module):
         self.down = torch.nn.Parameter(torch.stack([s.down.detach() for s in singles]).clone())
         self.up = torch.nn.Parameter(torch.stack([s.up.detach() for s in singles]).clone())
         self.scale = float(singles[0].scale)
-        self.multiplier = 1.0  # scales every seed's delta (0: off); previews switch layers with it
+        self.multiplier = 1.0
+
+    on_activations = True  # always added on the layer's output (``output_delta``)
 
     @property
     def seeds(self) -> int:
@@ -48,12 +50,15 @@ class SeedsLoRA(torch.nn.Module):
         rows = rearrange(x, "(n b) ... i -> n b ... i", n=n)
         hidden = einsum(rows, self.down.to(x.dtype), "n b ... i, n r i -> n b ... r")
         out = einsum(hidden, self.up.to(x.dtype), "n b ... r, n o r -> n b ... o") * self.scale
-        if self.multiplier != 1.0:
-            out = out * self.multiplier
         return rearrange(out, "n b ... o -> (n b) ... o")
 
+    def output_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``delta(x)`` times ``multiplier`` (what training adds to the layer's output)."""
+        return self.delta(x) * self.multiplier if self.multiplier != 1.0 else self.delta(x)
+
     def seed_delta(self, n: int, x: torch.Tensor) -> torch.Tensor:
-        """Seed n's output delta for every row of x (..., in) -> (..., out), times ``multiplier``, in x's dtype."""
+        """Seed n's output delta for every row of x (..., in) -> (..., out), times ``multiplier``, in x's dtype
+        (validation previews sample one seed at a time)."""
         hidden = einsum(x, self.down[n].to(x.dtype), "... i, r i -> ... r")
         return einsum(hidden, self.up[n].to(x.dtype), "... r, o r -> ... o") * (self.scale * self.multiplier)
 

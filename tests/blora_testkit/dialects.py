@@ -1,5 +1,5 @@
-"""Adapter state dicts in every key dialect, built independently of ``blora.formats.keys`` (own naming code, from the index
-rule in shared/reference/blora.md §1), plus the expected weight deltas, for reader/writer tests.
+"""Adapter state dicts in every key dialect, built independently of ``blora.formats.keys`` (own naming code, from
+the index rule in shared/reference/blora.md §1), plus the expected weight deltas, for reader/writer tests.
 
     make_state_dict("kohya", TINY_ATTN_SHAPES, rank=4, seed=0, alpha=2.0)
     reference_deltas(TINY_ATTN_SHAPES, rank=4, seed=0, alpha=2.0)   # canonical path -> ΔW (float32)
@@ -53,7 +53,7 @@ def blora_shapes(shapes: Mapping[str, tuple[int, int]], blocks=(CONTENT, STYLE))
     return {p: s for p, s in shapes.items() if p.startswith(tuple(b + "." for b in blocks))}
 
 
-# --- naming, written from the index rule (independent of blora.unet_map) --------------------------------------
+# --- naming, written from the index rule (independent of blora.arch.sdxl) --------------------------------------
 _RESNET_INV = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 

@@ -36,6 +36,23 @@ def sample(model, steps=5, cfg=2.0, sampler="euler", scheduler="normal", seed=0,
                                    latent, seed=seed, disable_pbar=True)
 
 
+def with_weights(model, weights):
+    """A clone of ``model`` whose UNet weights at these paths are replaced outright (the host's ``set`` patch, no
+    LoRA/LyCORIS math of the host): an independent render of weights the test computed itself."""
+    clone = model.clone()
+    clone.add_patches({f"diffusion_model.{path}.weight": ("set", (w.detach(),)) for path, w in weights.items()},
+                      1.0)
+    return clone
+
+
+def assert_renders_as(model, weights, base_model, atol=1e-4):
+    """``model`` samples as the base model with ``weights`` set (within ``atol``), and those weights change the
+    sample by far more than that (the comparison could fail)."""
+    expected, got, base = sample(with_weights(base_model, weights)), sample(model), sample(base_model)
+    assert torch.allclose(got, expected, atol=atol, rtol=0), (got - expected).abs().max()
+    assert (expected - base).abs().max() > 100 * atol
+
+
 class Recorder:
     """A weight function appended after the pack's: records the weight in force at each model call."""
 

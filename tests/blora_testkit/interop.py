@@ -14,7 +14,7 @@ from torch import nn
 
 from blora.adapters.adapter import Adapter, delta_weight
 from blora.adapters.dora import dora_weight
-from blora.unet_map import diffusers_to_ldm, ldm_to_diffusers
+from blora.arch.sdxl import diffusers_to_ldm, ldm_to_diffusers
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 CONTEXT = 64

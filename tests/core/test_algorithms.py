@@ -157,3 +157,83 @@ def test_rank_allocator_only_for_adalora():
     config, _, adapters = _perturbed("AdaLoRA", adalora_target_rank=2, steps=10)
     allocator = rank_allocator(adapters, config)
     assert (allocator.schedule.initial, allocator.schedule.target) == (8, 4)
+
+
+def _trained(a):
+    """``a`` with every parameter random (a fresh adapter's delta is zero)."""
+    with torch.no_grad():
+        for p in a.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen(7)))
+    return a
+
+
+ACTIVATION_CASES = {
+    "LoRA": lambda w: REGISTRY["LoRA"].fresh(w, TrainConfig(rank=4, alpha=2.0), gen()),
+    "AdaLoRA": lambda w: REGISTRY["AdaLoRA"].fresh(w, TrainConfig(rank=4, alpha=2.0, algorithm="AdaLoRA"), gen()),
+    "LoKr": lambda w: TrainableLoKr.create(w, 2, 0.5, False, gen()),
+    "LoKr decompose_both": lambda w: TrainableLoKr.create(w, 2, 0.5, False, gen(), decompose_both=True),
+    "LoKr full": lambda w: TrainableLoKr.create(w, 2, 0.5, False, gen(), full_matrix=True),
+}
+
+
+@pytest.mark.parametrize("case", ACTIVATION_CASES)
+@pytest.mark.parametrize("multiplier", [1.0, 0.25])
+def test_factored_kinds_add_on_the_activations_what_their_weight_function_adds(case, multiplier):
+    """Training on the activations is the weight function's layer: x·W'ᵀ = x·Wᵀ + output_delta(x), for every
+    factored kind, at any multiplier; gradients reach the same parameters with the same values."""
+    weight, x = torch.randn(48, 40, generator=gen(1)), torch.randn(2, 5, 40, generator=gen(2))
+    a = _trained(ACTIVATION_CASES[case](weight))
+    a.multiplier = multiplier
+    assert a.on_activations
+    merged = x @ a(weight).T
+    added = x @ weight.T + a.output_delta(x)
+    torch.testing.assert_close(added, merged, rtol=1e-5, atol=1e-4)
+    grads = []
+    for out in (merged, added):
+        a.zero_grad()
+        (out * torch.randn(out.shape, generator=gen(3))).sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in a.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("algorithm, options", [("DoRA", {}), ("LoHa", {}), ("LoKr", {"dora_wd": True})])
+def test_dora_and_loha_stay_weight_functions_and_multiplier_scales_their_change(algorithm, options):
+    weight = torch.randn(48, 40, generator=gen(1))
+    a = _trained(REGISTRY[algorithm].fresh(weight, TrainConfig(rank=4, algorithm=algorithm, **options), gen()))
+    assert not a.on_activations
+    full = a(weight)
+    a.multiplier = 0.0
+    assert torch.equal(a(weight), weight)
+    a.multiplier = 0.5
+    torch.testing.assert_close(a(weight), weight + 0.5 * (full - weight), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(full, weight, atol=1e-3)
+
+
+def test_dora_norm_is_computed_once_per_step_and_follows_every_update():
+    """The column norm is reused between optimizer steps (a checkpoint recomputation, another micro-batch) and
+    recomputed after one; the layer is always exactly the uncached DoRA weight."""
+    weight = torch.randn(24, 16, generator=gen(1))
+    a = _trained(REGISTRY["DoRA"].fresh(weight, TrainConfig(rank=4, algorithm="DoRA"), gen()))
+    calls = []
+    import blora.adapters.trainable as trainable
+
+    def counted(w):
+        calls.append(1)
+        return torch.linalg.vector_norm(w.float(), dim=0, keepdim=True)
+
+    original, trainable.column_norm = trainable.column_norm, counted
+    try:
+        optimizer = torch.optim.SGD(a.parameters(), lr=0.1)
+        for _ in range(2):
+            first, again = a(weight), a(weight)
+            assert torch.equal(first, again)
+            merged = weight + a.delta()
+            torch.testing.assert_close(first, merged * (a.magnitude / (merged.norm(dim=0, keepdim=True) + 1.2e-7)),
+                                       rtol=1e-6, atol=1e-6)
+            first.sum().backward()
+            optimizer.step()
+        assert len(calls) == 2
+    finally:
+        trainable.column_norm = original

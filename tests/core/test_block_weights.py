@@ -1,7 +1,7 @@
 """Block-weights text and strength modes (blora.compose.block_weights)."""
 import pytest
 
-from blora.blocks import SDXL_BLOCKS
+from blora.arch.sdxl import SDXL_BLOCKS
 from blora.errors import BlockNameError, ScheduleError
 from blora.compose.block_weights import STRENGTH_MODES, effective_strength, parse_block_weights
 

@@ -1,7 +1,7 @@
 """The SDXL block registry: names, index rule, roles and LBW slots (facts from the reference)."""
 import pytest
 
-from blora.blocks import LBW_SLOTS, ROLES, SDXL_BLOCKS, block_of, resolve_block, down_to_ldm, up_to_ldm
+from blora.arch.sdxl import LBW_SLOTS, ROLES, SDXL_BLOCKS, block_of, resolve_block, down_to_ldm, up_to_ldm
 from blora.errors import BlockNameError
 
 

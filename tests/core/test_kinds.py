@@ -1,4 +1,5 @@
-"""blora.adapters.kinds: one module per adapter kind behind one registry; Tucker/CP cores; no kind branches elsewhere."""
+"""blora.adapters.kinds: one module per adapter kind behind one registry; Tucker/CP cores; no kind branches
+elsewhere."""
 import re
 from pathlib import Path
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from blora.errors import BLoRAError
-from blora.compose.klora import (TIME_SCALES, content_intervals, fusion_k, plan_fusion, time_scale, top_k_sum,
-                                 trimmed_gamma)
+from blora.compose.klora import (TIME_SCALES, LayerStats, content_intervals, fusion_k, layer_stats, plan_from_stats,
+                                 time_scale, trimmed_gamma)
 
 # The official inference script's constants (HVision-NKU/K-LoRA inference_sd.py): alpha 1.5, beta 0.5 ("s") or
 # 1.5 * 0.85 ("s*", followed by `scale % alpha`).
@@ -52,6 +52,15 @@ def layers():
         out.append((f"output_blocks.1.1.transformer_blocks.{i}.attn1.to_q", random_pair(gen, o, n, rc, 1 + 0.2 * i),
                     random_pair(gen, o, n, rs, 1.5)))
     return out
+
+
+def plan_fusion(subject, style, ranks, pattern):
+    """The selection for two sets of per-layer deltas, built as the K-LoRA node builds it (layer_stats per layer
+    in both, then plan_from_stats)."""
+    time_scale(pattern)
+    stats = {p: layer_stats(subject[p], style[p], *ranks.get(p, (0, 0)), path=p) for p in subject if p in style}
+    return plan_from_stats(stats, [p for p in subject if p not in style], [p for p in style if p not in subject],
+                           pattern)
 
 
 def plan_for(layers, pattern):
@@ -137,9 +146,10 @@ def test_gamma_drops_ratios_of_three_times_the_mean_or_more():
     assert trimmed_gamma([]) == 1.0
 
 
-def test_top_k_sum_and_k():
-    t = torch.tensor([[1.0, -5.0], [3.0, -2.0]])
-    assert top_k_sum(t, 1) == 5.0 and top_k_sum(t, 2) == 8.0 and top_k_sum(t, 99) == 11.0
+def test_top_k_sums_and_k():
+    t, zero = torch.tensor([[1.0, -5.0], [3.0, -2.0]]), torch.zeros(2, 2)
+    assert [layer_stats(t, zero, rc, rs).top_c for rc, rs in ((1, 1), (1, 2), (9, 11))] == [5.0, 8.0, 11.0]
+    assert layer_stats(zero, t, 1, 2) == LayerStats(top_c=0.0, top_s=8.0, l1_c=0.0, l1_s=11.0)
     assert fusion_k(4, 8, torch.zeros(16, 24)) == 32
     assert fusion_k(0, 8, torch.zeros(16, 24)) == 16 * 8  # full rank counts as min(out, in)
 

@@ -1,5 +1,5 @@
-"""blora.train.recipe, blora.adapters.trainable, blora.train.images: the recipe, targets, draws, loss, optimizer groups, the
-trainable LoRA / rsLoRA / DoRA math and training-image preparation (torch only)."""
+"""blora.train.recipe, blora.adapters.trainable, blora.train.images: the recipe, targets, draws, loss, optimizer
+groups, the trainable LoRA / rsLoRA / DoRA math and training-image preparation (torch only)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,11 +10,13 @@ import torch
 
 from blora.adapters.adapter import ModuleAdapter
 from blora.errors import BLoRAError
-from blora.train.images import original_sizes, prepare_images, training_size
+from blora.train.dataset import training_views
+from blora.train.images import training_size
 from blora.adapters.trainable import DORA_EPS
 from blora.adapters.kinds.lora import TrainableLoRA
-from blora.train.recipe import (TrainConfig, diffusion_loss, make_optimizer, param_groups, sample_batch, sample_flips,
-                                sample_noise, sample_timesteps, select_targets, step_generator, training_target)
+from blora.train.recipe import (CHECKPOINTING, TrainConfig, diffusion_loss, make_optimizer, param_groups, sample_batch,
+                                sample_flips, sample_noise, sample_timesteps, select_targets, step_generator,
+                                training_target)
 
 ATTNS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
          "attn2.to_out.0")
@@ -40,9 +42,8 @@ def test_defaults_are_the_paper_recipe():
     assert (c.blocks, c.rank, c.alpha, c.algorithm, c.rslora) == ("content+style", 64, 64.0, "LoRA", False)
     assert (c.learning_rate, c.optimizer, c.weight_decay, c.betas, c.eps) == (5e-5, "AdamW", 1e-4, (0.9, 0.999), 1e-8)
     assert (c.steps, c.batch_size, c.grad_accumulation, c.resolution, c.seed) == (1000, 1, 1, 1024, 0)
-    assert (c.max_grad_norm, c.loraplus_ratio, c.flip, c.gradient_checkpointing, c.save_every) == (1.0, 1.0, False,
-                                                                                                   "trained blocks", 0)
-    assert c.offload is False
+    assert (c.max_grad_norm, c.loraplus_ratio, c.flip, c.save_every) == (1.0, 1.0, False, 0)
+    assert (c.gradient_checkpointing, c.offload) == ("trained blocks", False)
     assert c.scale == 1.0 and c.stored_alpha == 64.0 and c.roles == ("content", "style")
 
 
@@ -57,11 +58,20 @@ def test_gradient_checkpointing_takes_a_mode_or_the_old_boolean(old, new):
     ("steps", 0), ("batch_size", 0), ("grad_accumulation", 0), ("resolution", 32), ("seed", -1),
     ("training_dtype", "fp8"), ("save_every", -5), ("layer_filter", "attn[12"), ("eps", 0.0),
     ("adalora_interval", 0), ("adalora_orth_reg", -0.5), ("lokr_factor", 0), ("adalora_target_rank", -1),
+    ("gradient_checkpointing", "sometimes"),
 ])
 def test_config_refuses_naming_field_and_value(field, value):
     with pytest.raises(BLoRAError) as e:
         TrainConfig(**{field: value})
     assert f"`{field}`" in str(e.value) and repr(value) in str(e.value)
+
+
+def test_gradient_checkpointing_is_a_mode_and_the_old_switch_still_works():
+    assert [TrainConfig(gradient_checkpointing=v).gradient_checkpointing for v in (True, False)] == \
+        ["trained blocks", "off"]
+    assert [TrainConfig(gradient_checkpointing=m).gradient_checkpointing for m in CHECKPOINTING] == \
+        ["off", "trained blocks", "all above"]
+    assert TrainConfig(gradient_checkpointing=False).as_metadata()["blora.train.gradient_checkpointing"] == "off"
 
 
 def test_custom_needs_a_filter_and_betas_are_checked():
@@ -292,7 +302,7 @@ def test_images_of_any_mode_become_rgb_in_unit_range():
     rgba = torch.cat([torch.full((1, 40, 40, 3), 0.5), torch.zeros(1, 40, 40, 1)], dim=-1)
     sixteen = torch.full((1, 40, 40, 3), 65535 // 4, dtype=torch.int32)
     eight = torch.full((1, 40, 40, 3), 51, dtype=torch.uint8)
-    out = prepare_images([gray, rgba, sixteen, eight], resolution=64)
+    out = [v.image for v in training_views([gray, rgba, sixteen, eight], resolution=64)]
     assert [tuple(i.shape) for i in out] == [(64, 64, 3)] * 4
     for image, value in zip(out, (0.25, 0.5, 0.25, 0.2)):
         assert image.dtype == torch.float32 and torch.allclose(image, torch.full_like(image, value), atol=1e-3)
@@ -300,10 +310,10 @@ def test_images_of_any_mode_become_rgb_in_unit_range():
 
 def test_mixed_sizes_are_resized_each_and_sizes_reported():
     images = [torch.rand(48, 96, 3), torch.rand(1, 80, 40, 3)]
-    out = prepare_images(images, resolution=64)
-    assert [tuple(i.shape) for i in out] == [(64, 128, 3), (128, 64, 3)]
-    assert original_sizes(images) == [(48, 96), (80, 40)]
-    assert all(float(i.min()) >= 0.0 and float(i.max()) <= 1.0 for i in out)
+    views = training_views(images, resolution=64)
+    assert [tuple(v.image.shape) for v in views] == [(64, 128, 3), (128, 64, 3)]
+    assert [v.original_size for v in views] == [(48, 96), (80, 40)]
+    assert all(float(v.image.min()) >= 0.0 and float(v.image.max()) <= 1.0 for v in views)
 
 
 @pytest.mark.parametrize("images, message", [
@@ -315,4 +325,4 @@ def test_mixed_sizes_are_resized_each_and_sizes_reported():
 ])
 def test_bad_images_are_refused_clearly(images, message):
     with pytest.raises(BLoRAError, match=message):
-        prepare_images(images, resolution=64)
+        training_views(images, resolution=64)

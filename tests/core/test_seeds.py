@@ -30,6 +30,9 @@ def test_each_seeds_rows_get_that_seeds_delta():
         torch.testing.assert_close(y[rows], x[rows] @ single(weight).T, rtol=1e-5, atol=1e-6)
     with pytest.raises(BLoRAError, match="not 3 seeds"):
         stacked.delta(x[:4])
+    stacked.multiplier = 0.5  # what training adds on the activations scales with it
+    torch.testing.assert_close(stacked.output_delta(x), 0.5 * stacked.delta(x))
+    assert stacked.on_activations
 
 
 def test_gradients_and_clipping_are_per_seed():

@@ -2,8 +2,8 @@
 here, not computed with the same code)."""
 import pytest
 
-from blora import unet_map
-from blora.blocks import SDXL_BLOCKS
+from blora.arch import sdxl as unet_map
+from blora.arch.sdxl import SDXL_BLOCKS
 from blora.formats.keys import resolve_module
 
 

@@ -141,7 +141,7 @@ def test_entries_that_agree_are_exactly_apply(nodes, files, tiny_model):
 
 
 def test_rows_map_to_images_for_joint_and_separate_cfg_calls(pack):
-    from blora.host.batched_lora import rows_to_images
+    from blora.host.routed import rows_to_images
 
     assert rows_to_images(6, {"cond_or_uncond": [0, 1]}).tolist() == [0, 1, 2, 0, 1, 2]
     assert rows_to_images(3, {"cond_or_uncond": [1]}).tolist() == [0, 1, 2]

@@ -1,9 +1,10 @@
-"""The pack's measures for the host's dynamic VRAM loader (blora/host/dynamic_vram.py), on CPU.
+"""The pack's measures for the host's dynamic VRAM loader (blora/host/compat.py), on CPU.
 
 On CPU the host hands back a plain ModelPatcher (ModelPatcherDynamic needs a GPU: bench/gpu_check.py runs the real
 thing). Here each measure is checked against the host state it reacts to, made the way the dynamic loader leaves
 it: a module whose ``weight_function`` list the loader did not set, a VRAM copy marked resident, a weight tagged
-with ``_model_dtype``."""
+with the loader's tags. That the loader really leaves that state (the attribute names, the 16 KiB force-load, the
+tags) is checked in the host's own source by tests/host/test_host_compat.py, on both hosts."""
 from __future__ import annotations
 
 import importlib
@@ -23,8 +24,8 @@ def host(comfy_host):
     import comfy.model_patcher
     import comfy.patcher_extension
 
-    dv = importlib.import_module("blora.host.dynamic_vram")
-    fused_clone = importlib.import_module("blora.host.dynamic").fused_clone
+    dv = importlib.import_module("blora.host.compat")
+    fused_clone = importlib.import_module("blora.host.realise").fused_clone
     frozen_aliases = importlib.import_module("blora.host.train_wrappers").frozen_aliases
 
     class DynamicFlagged(comfy.model_patcher.ModelPatcher):
@@ -53,7 +54,9 @@ def test_weight_functions_reach_modules_the_loader_skipped_and_leave_on_detach(t
     on_detach = [c for c in _callbacks(fused, comfy.patcher_extension.CallbacksMP.ON_DETACH)]
     assert len(on_load) == 1 and len(on_detach) >= 1
     dynamic = DynamicFlagged(fused.model, fused.load_device, fused.offload_device)
-    dynamic.weight_wrapper_patches = fused.weight_wrapper_patches
+    for key, functions in dv.weight_functions(fused).items():  # through the host's own API
+        for function in functions:
+            dynamic.add_weight_wrapper(key, function)
     key = sorted(fused.weight_wrapper_patches)[0]
     module = fused.model.get_submodule(key.rsplit(".", 1)[0])
     other = object()
@@ -68,6 +71,37 @@ def test_weight_functions_reach_modules_the_loader_skipped_and_leave_on_detach(t
     module.weight_function = []
     on_load[0](fused, "cpu", 0, False, False)  # a classic patcher: its loader sets the lists itself
     assert module.weight_function == []
+
+
+def test_bias_functions_reach_modules_the_loader_skipped_too(tiny_model):
+    from dataclasses import replace
+
+    from blora.compose.strength_schedule import parse_schedule
+
+    style = make_lora(tiny_model, [STYLE], seed=3)
+    path = next(p for p in style.modules if p.endswith("to_out.0"))  # a Linear with a bias
+    module = tiny_model.model.get_submodule(f"diffusion_model.{path}")
+    m = style.modules[path]
+    with_bias = replace(m, tensors={**m.tensors, "diff_b": torch.randn(module.bias.shape[0])})
+    style = replace(style, modules={**style.modules, path: with_bias})
+    scheduled = importlib.import_module("blora.host.realise").scheduled_clone(
+        tiny_model, {"style": (style, parse_schedule("0:0, 1:1"))})
+    key = f"diffusion_model.{path}.bias"
+    assert key in dv.weight_functions(scheduled)
+    dynamic = DynamicFlagged(scheduled.model, scheduled.load_device, scheduled.offload_device)
+    for k, functions in dv.weight_functions(scheduled).items():
+        for function in functions:
+            dynamic.add_weight_wrapper(k, function)
+    module.bias_function = []
+    try:
+        for callback in scheduled.get_all_callbacks(comfy.patcher_extension.CallbacksMP.ON_LOAD):
+            callback(dynamic, "cpu", 0, False, False)
+        assert module.bias_function == dv.weight_functions(scheduled)[key]
+        for callback in scheduled.get_all_callbacks(comfy.patcher_extension.CallbacksMP.ON_DETACH):
+            callback(dynamic, False)
+        assert module.bias_function == []
+    finally:
+        module.bias_function = []
 
 
 def test_keep_weight_functions_changes_nothing_on_a_classic_patcher(tiny_model):
@@ -98,15 +132,17 @@ def test_restream_marks_resident_copies_stale(tiny_model):
 def test_frozen_aliases_keep_the_host_tags(tiny_model):
     unet = tiny_model.model.diffusion_model
     name, param = next(iter(unet.named_parameters()))
-    param._model_dtype = torch.bfloat16  # the dynamic loader's tag: the dtype its VRAM copy is cast to
+    for tag in dv.HOST_TENSOR_TAGS:  # the dynamic loader's tags (_model_dtype: the dtype its VRAM copy is cast to)
+        setattr(param, tag, torch.bfloat16)
     try:
         with frozen_aliases(unet):
             alias = unet.get_parameter(name)
             assert alias is not param and alias.data_ptr() == param.data_ptr() and not alias.requires_grad
-            assert alias._model_dtype is torch.bfloat16
+            assert all(getattr(alias, tag) is torch.bfloat16 for tag in dv.HOST_TENSOR_TAGS)
         assert unet.get_parameter(name) is param
     finally:
-        del param._model_dtype
+        for tag in dv.HOST_TENSOR_TAGS:
+            delattr(param, tag)
 
 
 def test_training_flag_is_raised_only_inside():

@@ -65,7 +65,7 @@ class ReferenceLayer:
 
 def reference_model(model, subject, style, sc, ss, pattern):
     import comfy.patcher_extension
-    from blora.host.patch import patched_clone
+    from blora.host import patched_clone
 
     both = [p for p in subject.modules if p in style.modules]
     ratios = [float(delta(subject.modules[p]).abs().sum() / delta(style.modules[p]).abs().sum()) for p in both]
@@ -106,7 +106,7 @@ def test_fused_sampling_equals_the_reference_rule(tiny_model, fuse, loras, patte
 
 
 def run_direct_merge(model, subject, style, sc, ss):
-    from blora.host.patch import patched_clone
+    from blora.host import patched_clone
 
     return patched_clone(model, [(subject, sc), (style, ss)])
 
@@ -170,7 +170,7 @@ def test_mismatched_shapes_and_foreign_loras_are_refused(tiny_model, fuse, loras
 
 
 def test_dora_layers_are_fused_with_the_host_semantics(tiny_model, fuse):
-    from blora.host.patch import patched_clone
+    from blora.host import patched_clone
 
     subject = make_lora(tiny_model, [STYLE], seed=41, dora=True, source="dora")
     style = Adapter({p: ModuleAdapter("lora", {"down": m.tensors["down"], "up": torch.zeros_like(m.tensors["up"])},

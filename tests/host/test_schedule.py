@@ -98,7 +98,7 @@ def test_constant_schedules_are_exactly_apply_blora(tiny_model, nodes):
 
 
 def test_dora_follows_the_host_interpolation(tiny_model, nodes):
-    from blora.host.patch import patched_clone
+    from blora.host import patched_clone
 
     schedule_node, _ = nodes
     style = make_lora(tiny_model, ["output_blocks.1.1"], seed=4, dora=True)

@@ -12,7 +12,7 @@ import types
 
 import pytest
 import torch
-from blora_testkit.dynamic import sample
+from blora_testkit.dynamic import assert_renders_as, base_weight, sample
 from blora_testkit.nodes import run_node
 from blora_testkit.train_fixtures import model, node, one_thread, vae  # noqa: F401
 from blora_testkit.tiny_sdxl import tiny_conditioning
@@ -128,9 +128,12 @@ def test_saved_file_renders_in_stock_comfyui_as_the_trained_model(node, model, v
             assert tuple(module.dora_scale.shape) == (1, module.out_in[1])
     path = min(blora.modules)
     key = f"diffusion_model.{path}.weight"
-    weight = model.model.state_dict()[key].float()
+    weight = base_weight(model, path).float()  # unpatched (the last sampled clone's patches may be in place)
     rendered = comfy.lora.calculate_weight(out_model.patches[key], weight.clone(), key)
     assert torch.allclose(rendered, TrainableLoRA.from_module(saved.modules[path])(weight), atol=1e-6)
+    # independent render: every trained weight set to the trainer's own math on the unpatched weight
+    assert_renders_as(out_model, {p: TrainableLoRA.from_module(m)(base_weight(model, p).float())
+                                  for p, m in saved.modules.items()}, model)
 
 
 def test_same_seed_same_weights_and_resume_adds_steps(node, model, vae, host_dirs):

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 import torch
-from blora_testkit.dynamic import sample
+from blora_testkit.dynamic import assert_renders_as, base_weight, sample
 from blora_testkit.nodes import run_node
 from blora_testkit.train_fixtures import model, node, one_thread, vae  # noqa: F401
 from blora_testkit.tiny_sdxl import tiny_conditioning
@@ -72,11 +72,14 @@ def test_saved_file_renders_in_stock_comfyui_as_the_trained_model(node, model, v
         assert {m.alpha for m in saved.modules.values()} == {1.0} and {m.scale for m in saved.modules.values()} == {1.0}
     dora = algorithm == "DoRA" or settings.get("dora_wd", False)
     assert all((m.dora_scale is not None) == dora for m in saved.modules.values())
+    trained = {}
     for path, module in saved.modules.items():  # the host renders each module as the trained adapter does
         key = f"diffusion_model.{path}.weight"
-        weight = model.model.state_dict()[key].float()
+        weight = base_weight(model, path).float()  # unpatched (the last sampled clone's patches may be in place)
         rendered = comfy.lora.calculate_weight(out_model.patches[key], weight.clone(), key)
-        assert torch.allclose(rendered, REGISTRY[algorithm].resumed(module)(weight), atol=1e-6), path
+        trained[path] = REGISTRY[algorithm].resumed(module)(weight)
+        assert torch.allclose(rendered, trained[path], atol=1e-6), path
+    assert_renders_as(out_model, trained, model)  # independent render: the trained weights set outright
     meta = saved.metadata
     assert meta["blora.algorithm"] == algorithm and meta["blora.train.algorithm"] == algorithm
     if kind in ("loha", "lokr"):

@@ -2,7 +2,7 @@
 builds for a real (tiny) SDXL-architecture model."""
 import pytest
 
-from blora import unet_map
+from blora.arch import sdxl as unet_map
 from blora.formats.keys import resolve_module
 
 FULL_SDXL = {"num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],

@@ -63,7 +63,7 @@ def test_save_pretrained_reads_with_peft_forward_deltas(tmp_path, case):
 def _config_for(adapter) -> dict:
     """The LoraConfig a PEFT user writes for a pack peft file: alpha is folded into lora_B (scale 1), so
     lora_alpha = r per module; ranks from the tensors; DoRA when the file holds magnitudes."""
-    from blora.unet_map import ldm_to_diffusers
+    from blora.arch.sdxl import ldm_to_diffusers
 
     ranks = {ldm_to_diffusers(p): m.rank for p, m in adapter.modules.items()}
     r = max(set(ranks.values()), key=list(ranks.values()).count)

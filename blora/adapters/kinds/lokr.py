@@ -88,6 +88,7 @@ class TrainableLoKr(Trainable):
 
     kind = LoKr.name
     plus = ("w2b", "w2")
+    factored = True
 
     @classmethod
     def create(cls, weight: torch.Tensor, rank: int, scale: float, dora: bool, generator: torch.Generator,
@@ -114,3 +115,13 @@ class TrainableLoKr(Trainable):
     def stored_alpha(self) -> float:
         """scale · rank; 1 when both factors are full (no rank: ComfyUI and LyCORIS ignore it, scale 1)."""
         return self.scale * self.rank if self.rank else 1.0
+
+    def apply_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """(w1 ⊗ w2) x as w1 X w2ᵀ with X = x reshaped (in_m, in_n): (w1 ⊗ w2)[i·K + k, j·N + n] = w1[i, j] w2[k, n],
+        so y[i·K + k] = Σ_j,n w1[i, j] X[j, n] w2[k, n]; per row in_m·in_n·out_k + out_l·in_m·out_k multiply-adds
+        instead of in·out (the dense Kronecker product is never made)."""
+        t = self.tensors()
+        w1, w2 = LoKr.factor(t, "w1").to(x.dtype), LoKr.factor(t, "w2").to(x.dtype)
+        grid = x.reshape(*x.shape[:-1], w1.shape[1], w2.shape[1])
+        out = torch.matmul(torch.matmul(w1, grid), w2.transpose(0, 1))
+        return out.reshape(*x.shape[:-1], w1.shape[0] * w2.shape[0])

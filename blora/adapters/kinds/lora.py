@@ -39,6 +39,7 @@ class LoRA(Kind):
         ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
         ".lora_A.weight": "down", ".lora_B.weight": "up",
         ".lora_A.default.weight": "down", ".lora_B.default.weight": "up",
+        ".down.weight": "down", ".up.weight": "up",  # XLabs FLUX: processor.qkv_lora1.down.weight
     }
     kohya_suffixes = {"down": ".lora_down.weight", "up": ".lora_up.weight", "mid": ".lora_mid.weight"}
 
@@ -95,6 +96,7 @@ class TrainableLoRA(Trainable):
 
     kind = LoRA.name
     plus = ("up",)
+    factored = True
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, magnitude: torch.Tensor | None = None):
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
@@ -127,3 +129,8 @@ class TrainableLoRA(Trainable):
     def delta(self) -> torch.Tensor:
         """scale * up @ down, (out, in), float32."""
         return self.scale * (self.up @ self.down)
+
+    def apply_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """(x downᵀ) upᵀ: rank-r work per row, no (out, in) matrix."""
+        linear = torch.nn.functional.linear
+        return linear(linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))

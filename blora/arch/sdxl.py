@@ -1,6 +1,7 @@
-"""Every weight-holding module of the SDXL UNet and both text encoders, in LDM and diffusers naming.
+"""SDXL, stated once: its attention blocks (one ``Block`` each, by LDM name, diffusers name, LBW slot and role) and
+every weight-holding module of its UNet and both text encoders, in LDM and diffusers naming.
 
-Built from the SDXL index rule (num_res_blocks = [2, 2, 2], three levels, attention on levels 1 and 2):
+Index rule for SDXL (num_res_blocks = [2, 2, 2], three levels, attention on levels 1 and 2):
     down_blocks.x.resnets.i       -> input_blocks.(1 + 3x + i).0     (resnet inner names renamed, see RESNET)
     down_blocks.x.attentions.i    -> input_blocks.(1 + 3x + i).1     (inner names unchanged)
     down_blocks.x.downsamplers.0.conv -> input_blocks.(3 + 3x).0.op
@@ -10,6 +11,9 @@ Built from the SDXL index rule (num_res_blocks = [2, 2, 2], three levels, attent
 plus conv_in, time_embedding, add_embedding, conv_norm_out and conv_out. Transformer depths are the full SDXL
 ones (2 at 640 channels, 10 at 1280), so smaller SDXL-architecture models are subsets.
 
+Roles (B-LoRA, Frenkel et al., ECCV 2024, arXiv 2403.14572): content = output_blocks.0.1, style = output_blocks.1.1;
+layout = input_blocks.8.1 (community, InstantStyle).
+
 Text encoders use the transformers CLIP structure (``text_model.encoder.layers.N.self_attn.q_proj``): te1 is
 CLIP-L (12 layers), te2 OpenCLIP bigG (32 layers).
 
@@ -18,9 +22,79 @@ Kohya names replace every ``.`` with ``_``; the tables index those spellings too
 """
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
-NUM_RES_BLOCKS = 2
+from ..errors import BlockNameError
+from . import Architecture, Block, register
+
+NUM_RES_BLOCKS = 2  # SDXL: down blocks have 2 resnets, up blocks 3 (= NUM_RES_BLOCKS + 1)
+
+def down_to_ldm(x: int, i: int) -> str:
+    return f"input_blocks.{1 + (NUM_RES_BLOCKS + 1) * x + i}.1"
+
+
+def up_to_ldm(x: int, i: int) -> str:
+    return f"output_blocks.{(NUM_RES_BLOCKS + 1) * x + i}.1"
+
+
+ROLES = {"content": "output_blocks.0.1", "style": "output_blocks.1.1", "layout": "input_blocks.8.1"}
+
+SDXL_BLOCKS: tuple[Block, ...] = (
+    Block(down_to_ldm(1, 0), "down_blocks.1.attentions.0", "IN04", 640, 2),
+    Block(down_to_ldm(1, 1), "down_blocks.1.attentions.1", "IN05", 640, 2),
+    Block(down_to_ldm(2, 0), "down_blocks.2.attentions.0", "IN07", 1280, 10),
+    Block(down_to_ldm(2, 1), "down_blocks.2.attentions.1", "IN08", 1280, 10, "layout"),
+    Block("middle_block.1", "mid_block.attentions.0", "MID", 1280, 10),
+    Block(up_to_ldm(0, 0), "up_blocks.0.attentions.0", "OUT0", 1280, 10, "content"),
+    Block(up_to_ldm(0, 1), "up_blocks.0.attentions.1", "OUT1", 1280, 10, "style"),
+    Block(up_to_ldm(0, 2), "up_blocks.0.attentions.2", "OUT2", 1280, 10),
+    Block(up_to_ldm(1, 0), "up_blocks.1.attentions.0", "OUT3", 640, 2),
+    Block(up_to_ldm(1, 1), "up_blocks.1.attentions.1", "OUT4", 640, 2),
+    Block(up_to_ldm(1, 2), "up_blocks.1.attentions.2", "OUT5", 640, 2),
+)
+
+LBW_SLOTS = ("BASE", "IN04", "IN05", "IN07", "IN08", "MID", "OUT0", "OUT1", "OUT2", "OUT3", "OUT4", "OUT5")
+
+_BY_NAME: dict[str, Block] = {}
+for _b in SDXL_BLOCKS:
+    for _name in (_b.ldm, _b.diffusers, "unet." + _b.diffusers, "diffusion_model." + _b.ldm, _b.slot.lower(),
+                  _b.kohya, "lora_unet_" + _b.diffusers.replace(".", "_")):
+        _BY_NAME[_name.lower()] = _b
+    if _b.role:
+        _BY_NAME[_b.role] = _b
+del _b, _name
+
+
+def resolve_block(name: str) -> Block:
+    """The block for any name the registry knows: role, LDM, diffusers (with or without ``unet.``), LBW slot
+    (``OUT1``, case-insensitive), or kohya prefix. Raises BlockNameError naming the name and the choices."""
+    block = _BY_NAME.get(name.strip().lower())
+    if block is None:
+        choices = ", ".join(list(ROLES) + [b.slot for b in SDXL_BLOCKS])
+        raise BlockNameError(f"unknown block {name!r}: use a role, an LBW slot ({choices}), an LDM name such as "
+                             f"'output_blocks.1.1' or a diffusers name such as 'up_blocks.0.attentions.1'")
+    return block
+
+
+def role_block(role: str) -> Block:
+    """The block that plays ``role`` (content, style, layout)."""
+    if role not in ROLES:
+        raise BlockNameError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
+    return resolve_block(ROLES[role])
+
+
+_LDM_BLOCK = re.compile(r"^(input_blocks\.\d+\.1|middle_block\.1|output_blocks\.\d+\.1)(\.|$)")
+
+
+def block_of(module: str) -> Block | None:
+    """The attention block holding a canonical (LDM) module path, or None (resnets, embeddings, ...)."""
+    m = _LDM_BLOCK.match(module)
+    return _BY_NAME.get(m.group(1)) if m else None
+
+
+# --- every module of the UNet and the text encoders ---
+
 LEVELS = 3
 DOWN_ATTENTION_DEPTH = {1: 2, 2: 10}   # diffusers down level -> transformer blocks per attention
 UP_ATTENTION_DEPTH = {0: 10, 1: 2}     # diffusers up level -> transformer blocks per attention
@@ -146,3 +220,31 @@ def kohya_to_module(name: str) -> str | None:
 def kohya_to_te(encoder: str, name: str) -> str | None:
     """CLIP module path of an underscore-spelled text-encoder module name (no ``lora_te1_`` prefix)."""
     return KOHYA_TE[encoder].get(name)
+
+
+def resolve_name(name: str, underscore: bool) -> tuple[str, None] | None:
+    """(LDM path, None) of a UNet module name without its dialect prefix: kohya spelling (LDM or diffusers layout)
+    when ``underscore``, else a diffusers or LDM dotted path. None if it names no SDXL UNet module. (The second item
+    is the piece of a fused layer; SDXL has none.)"""
+    if underscore:
+        path = kohya_to_module(name)
+    else:
+        path = diffusers_to_ldm(name) or (name if is_sdxl_module(name) else None)
+    return (path, None) if path is not None else None
+
+
+ARCHITECTURE = register(Architecture(
+    name="sdxl", title="SDXL", article="an", blocks=SDXL_BLOCKS,
+    roles={role: (ldm,) for role, ldm in ROLES.items()},
+    block_pattern=_LDM_BLOCK,
+    signature=tuple(ROLES.values()),
+    diffusers_prefix="unet.",
+    citation="B-LoRA (Frenkel et al., ECCV 2024, arXiv 2403.14572); layout: InstantStyle (community)",
+    sub_path=re.compile(
+        r"^(proj_in|proj_out|norm"
+        r"|transformer_blocks(\.\d+(\.(attn[12](\.(to_q|to_k|to_v|to_out(\.0)?))?"
+        r"|norm[123]|ff(\.net(\.\d+(\.proj)?)?)?))?)?)$"),
+    is_module=is_sdxl_module,
+    resolve_name=resolve_name,
+    diffusers_names=lambda path: ((ldm_to_diffusers(path), None),) if ldm_to_diffusers(path) else None,
+))

@@ -1,0 +1,456 @@
+"""GPU benchmark of Train B-LoRA (issue 16): speed and VRAM at 1024 px on a full-width SDXL UNet, against the
+minimal loop and the host's own trainer, with the host's dynamic VRAM loader on and off.
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/gpu_bench.py [--out bench/RESULTS-gpu-train.txt]
+    COMFYUI_PATH=... python bench/gpu_bench.py --device cpu --toy      # a dry run of the whole script on the CPU
+
+Model: a full-width SDXL UNet (the real unet_config) with random weights, bf16, made as a checkpoint loader makes it
+(``gpu_check._loaded_patcher``: under inference mode, the dynamic patcher where it is on); one 1024 px image
+(a random image through the test kit's VAE), random 2048-wide text context; rank 64, the default blocks
+(content+style), AdamW, lr 1e-4. Measured after ``--warmup`` steps, over ``--steps`` steps, the device
+synchronised at both ends of the window:
+
+- ours (Train B-LoRA through ``blora.host.train.train_blora``): each ``gradient_checkpointing`` mode, offload off
+  and on;
+- the minimal loop (``bench/minimal_train.py``: plain torch, the same targets, rank, dtype and latent; trained
+  transformer blocks checkpointed, and not);
+- the host's TrainLoraNode (``benchkit.host_train_lora``; a LoRA on every layer, as stock trains), bypass mode off
+  and on, at each ``--host-depths`` checkpoint depth (the best is reported);
+- the VRAM table: ours, each checkpointing mode, at 512, 768 and 1024 px (``--table-steps`` steps each).
+
+Each of the two loader modes (``static``: ``--disable-dynamic-vram``; ``dynamic``: booted as main.py boots it,
+``gpu_check.boot``) runs in its own process, every job of it in turn on one model; results are appended as JSON
+lines, so a process that runs out of time keeps what finished. Figures: s/step, the 1000-step time it implies,
+peak VRAM (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; on the CPU dry run the peak
+RSS the job adds). Goals (issue 16): 1000 steps at 1024 px in at most 2 minutes on an H100/H200-class GPU, the
+default's peak VRAM at most 10 GB and its step at most 1.1x the minimal loop's. Prints the table and writes it to
+``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "RESULTS-gpu-train.txt"
+MODES = ("off", "trained blocks", "all above")
+DEFAULT_MODE = "trained blocks"
+GIB = 2 ** 30
+
+
+# ------------------------------------------------------------------------------------------------- the jobs
+def jobs_for(loader: str, ns) -> list[dict]:
+    """What one loader process runs, in order (the minimal loop last: it rebuilds the UNet's targets in place)."""
+    res = ns.res
+    jobs = [dict(kind="ours", gc=m, offload=False, res=res, steps=ns.steps) for m in MODES]
+    jobs += [dict(kind="ours", gc=m, offload=True, res=res, steps=ns.steps)
+             for m in (MODES if loader == "static" else (DEFAULT_MODE,))]
+    depths = ns.host_depths if loader == "static" else ns.host_depths[:1]
+    jobs += [dict(kind="host", bypass=b, depth=d, res=res, steps=ns.steps) for b in (False, True) for d in depths]
+    if loader == "static":
+        jobs += [dict(kind="ours", gc=m, offload=False, res=r, steps=ns.table_steps, table=True)
+                 for r in ns.table_res if r != res for m in MODES]
+        jobs += [dict(kind="minimal", gc=g, res=res, steps=ns.steps) for g in ("off", DEFAULT_MODE)]
+    return jobs
+
+
+def job_name(job: dict) -> str:
+    if job["kind"] == "ours":
+        return f"ours, {job['gc']}{', offload' if job['offload'] else ''}"
+    if job["kind"] == "host":
+        return f"host TrainLoraNode, bypass {'on' if job['bypass'] else 'off'}, checkpoint_depth {job['depth']}"
+    return f"minimal loop, {'trained blocks checkpointed' if job['gc'] != 'off' else 'no checkpointing'}"
+
+
+# ----------------------------------------------------------------------------------------------- the worker
+class Window:
+    """Wall time of the measured steps: device synchronised when step ``warmup`` ends and when the last ends."""
+
+    def __init__(self, device, warmup: int, total: int):
+        self.device, self.warmup, self.total = device, warmup, total
+        self.done, self.start, self.end = 0, None, None
+
+    def _now(self) -> float:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def step(self, done: int | None = None) -> None:
+        self.done = self.done + 1 if done is None else done
+        if self.done == self.warmup:
+            self.start = self._now()
+        elif self.done == self.total:
+            self.end = self._now()
+
+    def per_step(self) -> float | None:
+        if self.start is None or self.end is None:
+            return None
+        return (self.end - self.start) / (self.total - self.warmup)
+
+
+def _rss_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def _reset_memory(device) -> int:
+    import comfy.model_management as mm
+    import torch
+
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _rss_kb("VmRSS")
+
+
+def _peak_gib(device, rss0_kb: int) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GIB
+    return max(0, _rss_kb("VmHWM") - rss0_kb) / 2 ** 20
+
+
+def _patcher(make, init):
+    """A patcher as the host's checkpoint loader makes one: ``gpu_check._loaded_patcher`` where the host has the
+    dynamic loader's memory management (0.33+), else the model made, filled and wrapped under inference mode with
+    the host's load and offload devices (0.3.64)."""
+    import importlib.util
+
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import gpu_check
+    import torch
+
+    if importlib.util.find_spec("comfy.memory_management") is not None:
+        return gpu_check._loaded_patcher(make, init)
+    with torch.inference_mode():
+        model = make()
+        init(model.diffusion_model)
+        return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                                offload_device=mm.unet_offload_device())
+
+
+def build(ns):
+    """(patcher factory, vae, context dim, dtype name): the full-width SDXL UNet in bf16, or the tiny test model
+    in fp32 (--toy)."""
+    import comfy.supported_models
+    import torch
+
+    from blora_testkit.tiny_vae import tiny_vae
+
+    if ns.toy:
+        from blora_testkit.tiny_sdxl import init_weights_, tiny_model_config
+
+        def make_tiny():
+            config = tiny_model_config()
+            config.set_inference_dtype(torch.float32, None)
+            return config.get_model({})
+
+        return (lambda: _patcher(make_tiny, lambda unet: init_weights_(unet, 0))), tiny_vae(0), 64, "fp32"
+
+    from benchkit import FULL_SDXL_EXTRA, fill_random_
+
+    def make():
+        config = comfy.supported_models.SDXL(dict(comfy.supported_models.SDXL.unet_config, **FULL_SDXL_EXTRA))
+        config.set_inference_dtype(torch.bfloat16, None)
+        return config.get_model({})
+
+    def init(unet):
+        fill_random_(unet, torch.bfloat16)
+        with torch.no_grad():  # the resblock and output GroupNorms at 1, not 0 (gpu_check.full_patcher)
+            for m in unet.modules():
+                if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                    m.weight.fill_(1.0)
+
+    return (lambda: _patcher(make, init)), tiny_vae(0), 2048, "bf16"
+
+
+def inputs(ns, vae, context_dim: int, res: int):
+    import torch
+
+    from blora_testkit.tiny_sdxl import tiny_conditioning
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(1, res, res, 3, generator=gen)
+    cond = tiny_conditioning(0)
+    return image, [[torch.randn(1, 77, context_dim, generator=gen), cond[0][1]]]
+
+
+def run_ours(job, ns, patcher, vae, context_dim, dtype, device) -> dict:
+    import torch
+
+    from blora.host.train import train_blora
+    from blora.train.recipe import TrainConfig
+
+    image, cond = inputs(ns, vae, context_dim, job["res"])
+    window = Window(device, ns.warmup, ns.warmup + job["steps"])
+    config = TrainConfig(rank=ns.rank, alpha=float(ns.rank), steps=ns.warmup + job["steps"], learning_rate=1e-4,
+                         resolution=job["res"], training_dtype=dtype, gradient_checkpointing=job["gc"],
+                         offload=job["offload"], save_precision="bf16")
+    with torch.inference_mode():
+        out = train_blora(patcher, vae, image, cond, config, filename_prefix="gpu_bench/ours",
+                          on_step=lambda done, state: window.step(done))
+    return {"s_per_step": window.per_step(), "loss_first": out.losses[0], "loss_last": out.losses[-1]}
+
+
+def ordinary(patcher):
+    """``patcher`` with its weights as ordinary tensors: what the host's loader gives TrainLoraNode's copy (made
+    through ``cached_patcher_init`` outside inference mode); this script's builder works under inference mode."""
+    import torch
+
+    with torch.inference_mode(False):
+        for m in patcher.model.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_inference():
+                    m._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+    return patcher
+
+
+def run_host(job, ns, patcher, vae, context_dim, dtype, device, factory) -> dict:
+    import torch
+    from benchkit import host_train_lora
+
+    image, cond = inputs(ns, vae, context_dim, job["res"])
+    with torch.inference_mode():
+        latent = vae.encode(image)
+    window = Window(device, ns.warmup, ns.warmup + job["steps"])
+    losses = host_train_lora(patcher, latent, cond, ns.warmup + job["steps"], ns.rank, dtype, window.step,
+                             checkpoint_depth=job["depth"], bypass=job["bypass"],
+                             factory=lambda: ordinary(factory()))
+    return {"s_per_step": window.per_step(), "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def run_minimal(job, ns, patcher, vae, context_dim, dtype, device) -> dict:
+    """bench/minimal_train.py on this patcher's UNet, moved to the device with its weights as ordinary frozen
+    tensors (a loader's are inference tensors, which plain autograd cannot save)."""
+    import minimal_train
+    import torch
+
+    from blora.host.train import linear_paths
+    from blora.train.recipe import TRAINING_DTYPES, TrainConfig, select_targets
+
+    torch_dtype = TRAINING_DTYPES[dtype]
+    unet = patcher.model.diffusion_model
+    with torch.inference_mode(False):
+        for m in unet.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None:
+                    m._parameters[name] = torch.nn.Parameter(p.detach().to(device, torch_dtype).clone(),
+                                                             requires_grad=False)
+        for m in unet.modules():  # comfy ops: plain forward on weights already where they compute
+            if hasattr(m, "comfy_cast_weights"):
+                m.comfy_cast_weights = False
+        targets = select_targets(linear_paths(patcher), TrainConfig())
+        image, cond = inputs(ns, vae, context_dim, job["res"])
+        with torch.no_grad():
+            x0 = (vae.encode(image).float() * minimal_train.SDXL_LATENT_SCALE).to(device)
+        y = torch.randn(1, patcher.model.model_config.unet_config["adm_in_channels"],
+                        generator=torch.Generator().manual_seed(0))
+        params = minimal_train.attach(unet, targets, ns.rank, float(ns.rank), job["gc"] != "off")
+        window = Window(device, ns.warmup, ns.warmup + job["steps"])
+        losses = minimal_train.train(unet, x0, cond[0][0], y, params, ns.warmup + job["steps"], 1e-4, torch_dtype,
+                                     window.step)
+    return {"s_per_step": window.per_step(), "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def worker(ns) -> int:
+    sys.path[:0] = [str(HERE)]
+    import gpu_check
+
+    info = gpu_check.boot(ns.worker, ns.device)
+    import comfy.model_management as mm
+    import folder_paths
+    import torch
+
+    folder_paths.set_output_directory(tempfile.mkdtemp(prefix="blora-gpu-bench-"))
+    results = Path(ns.results)
+    results.write_text(json.dumps({"info": info}) + "\n")
+    if ns.worker == "dynamic" and not info.get("dynamic_enabled"):
+        return 0  # nothing to measure: the table says why
+    device = mm.get_torch_device()
+    factory, vae, context_dim, dtype = build(ns)
+    patcher = factory()
+    for job in jobs_for(ns.worker, ns):
+        started = time.perf_counter()
+        rss0 = _reset_memory(device)
+        try:
+            if job["kind"] == "ours":
+                out = run_ours(job, ns, patcher, vae, context_dim, dtype, device)
+            elif job["kind"] == "host":
+                out = run_host(job, ns, patcher, vae, context_dim, dtype, device, factory)
+            else:  # on a fresh model: the minimal loop replaces the targets in place
+                patcher = None
+                _reset_memory(device)
+                patcher = factory()
+                rss0 = _reset_memory(device)
+                out = run_minimal(job, ns, patcher, vae, context_dim, dtype, device)
+            out["peak_gib"] = _peak_gib(device, rss0)
+        except Exception as e:  # noqa: BLE001 - reported in the table, the other jobs still run
+            out = {"error": f"{type(e).__name__}: {e}"[:300]}
+            traceback.print_exc()
+        out.update(job=job, seconds=time.perf_counter() - started)
+        with results.open("a") as f:
+            f.write(json.dumps(out) + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- the parent
+def run_loader(loader: str, ns, workdir: Path) -> tuple[dict, list[dict], str]:
+    results = workdir / f"{loader}.jsonl"
+    cmd = [sys.executable, __file__, "--worker", loader, "--results", str(results), "--device", ns.device,
+           "--steps", str(ns.steps), "--warmup", str(ns.warmup), "--table-steps", str(ns.table_steps),
+           "--res", str(ns.res), "--rank", str(ns.rank), "--table-res", ",".join(map(str, ns.table_res)),
+           "--host-depths", ",".join(map(str, ns.host_depths))] + (["--toy"] if ns.toy else [])
+    note = ""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ns.timeout)
+        if proc.returncode != 0:
+            note = f"worker exit {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-3:])[:400]
+        (workdir / f"{loader}.log").write_text(proc.stdout + proc.stderr)
+    except subprocess.TimeoutExpired:
+        note = f"timed out after {ns.timeout:.0f} s; the jobs that finished are shown"
+    lines = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    info = lines[0]["info"] if lines and "info" in lines[0] else {}
+    return info, [r for r in lines if "job" in r], note
+
+
+def _fmt(r: dict, unit: str) -> str:
+    if "error" in r:
+        return f"failed: {r['error']}"
+    step = r["s_per_step"]
+    if step is None:
+        return "no measured window"
+    return (f"{step:8.3f} s/step  1000 steps {step * 1000 / 60:6.1f} min  peak {r['peak_gib']:6.2f} {unit}  "
+            f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}  (job {r['seconds']:.0f} s)")
+
+
+def _best_host(rows: list[dict], bypass: bool) -> dict | None:
+    ok = [r for r in rows if r["job"]["kind"] == "host" and r["job"]["bypass"] == bypass and "error" not in r
+          and r["s_per_step"] is not None]
+    return min(ok, key=lambda r: r["s_per_step"]) if ok else None
+
+
+def _fits(peak_gib: float) -> str:
+    """The smallest common card (8, 12, 16, 24 GB) whose memory holds the peak with 10 % to spare."""
+    cards = [g for g in (8, 12, 16, 24) if peak_gib <= 0.9 * g * 1e9 / GIB]
+    return f"{cards[0]} GB" if cards else "more than 24 GB"
+
+
+def table(ns, runs: dict) -> list[str]:
+    unit = "GiB VRAM" if ns.device == "cuda" else "GiB RSS added"
+    lines = []
+    for loader, (info, rows, note) in runs.items():
+        head = f"[{loader}: dynamic VRAM {'on' if info.get('dynamic_enabled') else 'off'}"
+        if info.get("dynamic_unavailable"):
+            head += f" (unavailable: {info['dynamic_unavailable']})"
+        lines.append(head + (f"; {note}" if note else "") + "]")
+        main = [r for r in rows if not r["job"].get("table")]
+        for r in main:
+            if r["job"]["kind"] == "host" and r is not _best_host(rows, r["job"]["bypass"]) and "error" not in r:
+                continue
+            lines.append(f"  {job_name(r['job']):58s} {_fmt(r, unit)}")
+        by = {(r["job"]["kind"], r["job"].get("gc"), r["job"].get("offload")): r for r in main if "error" not in r
+              and r.get("s_per_step")}
+        minimal = by.get(("minimal", "off", None))
+        for mode in MODES:
+            ours = by.get(("ours", mode, False))
+            if ours and minimal:
+                goal = " [goal <= 1.1]" if mode == DEFAULT_MODE else ""
+                lines.append(f"  ratio ours ({mode}) / minimal loop without checkpointing: "
+                             f"{ours['s_per_step'] / minimal['s_per_step']:.2f}{goal}")
+        for mode in MODES:
+            on, off = by.get(("ours", mode, True)), by.get(("ours", mode, False))
+            if on and off:
+                lines.append(f"  offload cost ({mode}): step {on['s_per_step'] / off['s_per_step']:.2f}x, peak "
+                             f"{on['peak_gib']:.2f} vs {off['peak_gib']:.2f} {unit}")
+        for bypass in (False, True):
+            host, ours = _best_host(rows, bypass), by.get(("ours", DEFAULT_MODE, False))
+            if host and ours:
+                lines.append(f"  ratio ours (default) / host TrainLoraNode bypass {'on' if bypass else 'off'} "
+                             f"(all layers vs B-LoRA's 2 blocks): step {ours['s_per_step'] / host['s_per_step']:.2f}, "
+                             f"peak {ours['peak_gib'] / max(host['peak_gib'], 1e-9):.2f}")
+        vram = {(r["job"]["res"], r["job"]["gc"]): r for r in rows if r["job"]["kind"] == "ours"
+                and not r["job"].get("offload") and "error" not in r}
+        if vram:
+            lines.append(f"  peak {unit} by resolution and checkpointing mode (ours, no offload):")
+            lines.append("    " + "px".rjust(6) + "".join(m.rjust(16) for m in MODES))
+            for res in ns.table_res:
+                cells = [f"{vram[(res, m)]['peak_gib']:.2f}" if (res, m) in vram else "-" for m in MODES]
+                lines.append("    " + str(res).rjust(6) + "".join(c.rjust(16) for c in cells))
+            if ns.device == "cuda":
+                fits = [f"{res} px: {_fits(vram[(res, DEFAULT_MODE)]['peak_gib'])}" for res in ns.table_res
+                        if (res, DEFAULT_MODE) in vram]
+                lines.append("    default mode fits in: " + ", ".join(fits))
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a dry run (use with --toy)")
+    p.add_argument("--toy", action="store_true", help="the tiny test model, fp32, 64 px, a few steps")
+    p.add_argument("--steps", type=int, default=None, help="measured steps (default 60; toy 2)")
+    p.add_argument("--warmup", type=int, default=None, help="steps before the measured window (default 5; toy 1)")
+    p.add_argument("--table-steps", type=int, default=None, help="steps of each VRAM-table run (default 3; toy 1)")
+    p.add_argument("--res", type=int, default=None, help="resolution of the main runs (default 1024; toy 64)")
+    p.add_argument("--table-res", default=None, help="VRAM table resolutions (default 512,768,1024; toy 64,128)")
+    p.add_argument("--rank", type=int, default=None, help="default 64; toy 4")
+    p.add_argument("--host-depths", default="1,2", help="TrainLoraNode checkpoint_depth values tried")
+    p.add_argument("--timeout", type=float, default=230.0, help="seconds per loader process")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--worker", choices=("static", "dynamic"))
+    p.add_argument("--results")
+    ns = p.parse_args(argv)
+    toy = ns.toy
+    ns.steps = ns.steps or (2 if toy else 60)
+    ns.warmup = ns.warmup if ns.warmup is not None else (1 if toy else 5)
+    ns.table_steps = ns.table_steps or (1 if toy else 3)
+    ns.res = ns.res or (64 if toy else 1024)
+    ns.rank = ns.rank or (4 if toy else 64)
+    ns.table_res = [int(v) for v in (ns.table_res or ("64,128" if toy else "512,768,1024")).split(",")]
+    ns.host_depths = [int(v) for v in str(ns.host_depths).split(",")]
+    ns.table_steps = max(ns.table_steps, 1)
+    if ns.worker:
+        return worker(ns)
+    if not os.environ.get("COMFYUI_PATH"):
+        sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="blora-gpu-bench-") as tmp:
+        runs = {loader: run_loader(loader, ns, Path(tmp)) for loader in ("static", "dynamic")}
+    info = runs["static"][0]
+    model = "tiny SDXL-architecture test model, fp32 (a dry run of the script, not GPU figures)" if toy else \
+        "full-width SDXL UNet, random weights, bf16"
+    lines = [f"bench/gpu_bench.py  {time.strftime('%Y-%m-%d %H:%M')}  {info.get('device_name', '?')}  torch "
+             f"{info.get('torch', '?')}  ComfyUI {info.get('comfyui', '?')}  {platform.machine()}",
+             f"{model}; {ns.res} px, rank {ns.rank}, content+style, AdamW; {ns.warmup} warm-up + {ns.steps} measured "
+             f"steps (VRAM table: {ns.table_steps}); total {time.perf_counter() - start:.0f} s"]
+    if ns.device != "cuda":
+        lines.append("No GPU run has happened yet: this is the CPU dry run that checks the script end to end "
+                     "(tests/host/test_gpu_bench.py runs it so); its seconds and memory say nothing about a GPU.")
+    lines += table(ns, runs)
+    text = "\n".join(lines)
+    print(text)
+    Path(ns.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
