@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..blocks import block_of
+from ..arch import block_of
 from ..errors import BLoRAError
 
 VIEWS = ("content", "style", "both")  # the columns of a row, left to right
