@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import apply, batch_apply, dataset, fusion, load, schedule, tools, train
+from . import apply, batch_apply, dataset, fusion, load, schedule, tools, train, train_settings
 from .folders import register_blora_folder
 
-NODES: list[type[io.ComfyNode]] = [*load.NODES, *apply.NODES, *train.NODES, *dataset.NODES, *tools.NODES,
-                                   *fusion.NODES, *schedule.NODES, *batch_apply.NODES]
+NODES: list[type[io.ComfyNode]] = [*load.NODES, *apply.NODES, *train.NODES, *train_settings.NODES, *dataset.NODES,
+                                   *tools.NODES, *fusion.NODES, *schedule.NODES, *batch_apply.NODES]
 
 
 class BLoRAExtension(ComfyExtension):

@@ -455,3 +455,42 @@ def batched_clone(model, entries: Sequence[Sequence[tuple[Adapter, float]]]):
         log.info("B-LoRA batch: %d entries, %d modules patched (shared), %d routed per image", len(entries),
                  sum(1 for _ in plan.of(Static)), routed)
     return clone
+
+
+# --- one seed of stacked seeds (validation previews) ----------------------------------------------------------------
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def hooks_set_aside(module: torch.nn.Module) -> Iterator[None]:
+    """Every forward (pre-)hook of ``module`` and its children removed while the body runs, then put back."""
+    saved = []
+    try:
+        for m in module.modules():
+            kept = {name: getattr(m, name) for name in _HOOK_DICTS if getattr(m, name, None)}
+            for name, hooks in kept.items():
+                setattr(m, name, type(hooks)())
+            if kept:
+                saved.append((m, kept))
+        yield
+    finally:
+        for m, kept in saved:
+            for name, hooks in kept.items():
+                setattr(m, name, hooks)
+
+
+@contextlib.contextmanager
+def one_seed(unet: torch.nn.Module, adapters: Mapping[str, torch.nn.Module], n: int) -> Iterator[None]:
+    """Stacked seeds (``blora.train.seeds.SeedsLoRA``): every row of the batch goes through seed n's adapters
+    (``seed_delta``), the training hooks (activation deltas, widening) set aside while the body runs."""
+    with hooks_set_aside(unet):
+        handles = [unet.get_submodule(p).register_forward_hook(
+            lambda module, inputs, output, a=a: output + a.seed_delta(n, inputs[0]).to(output.dtype))
+            for p, a in adapters.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()

@@ -115,7 +115,8 @@ def _fit(model, adapters, targets, samples, schedule: NoiseSchedule, config: Tra
         state = TrainState(config, unet, schedule, samples, adapters, make_optimizer(adapters, config),
                            torch.amp.GradScaler(clone.load_device.type, enabled=config.training_dtype == "fp16"),
                            dict(options), base.manual_cast_dtype or base.get_dtype(), clone.load_device, steps_before,
-                           latent_format=base.latent_format, allocator=rank_allocator(adapters, config))
+                           latent_format=base.latent_format, allocator=rank_allocator(adapters, config),
+                           model=clone)
         return run_loop(state, node_id, on_checkpoint, on_step)
 
 

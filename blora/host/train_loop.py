@@ -60,6 +60,7 @@ class TrainState:
     allocator: RankAllocator | None = None  # AdaLoRA: regulariser and rank budget
     losses: list[list[float]] = field(default_factory=list)
     pending: list[torch.Tensor] = field(default_factory=list)  # losses of steps not read back yet, on the device
+    model: object | None = None  # the training clone (ModelPatcher) the adapters are on; previews sample with it
 
     @property
     def seeds(self) -> list[int]:

@@ -1,1 +1,1 @@
-"""Training: the recipe and its config, algorithms, AdaLoRA, stacked seeds, the training set, images and augmentation, the loss history."""
+"""Training: the recipe, its data and what a run shows while it trains."""

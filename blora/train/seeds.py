@@ -56,6 +56,12 @@ class SeedsLoRA(torch.nn.Module):
         """``delta(x)`` times ``multiplier`` (what training adds to the layer's output)."""
         return self.delta(x) * self.multiplier if self.multiplier != 1.0 else self.delta(x)
 
+    def seed_delta(self, n: int, x: torch.Tensor) -> torch.Tensor:
+        """Seed n's output delta for every row of x (..., in) -> (..., out), times ``multiplier``, in x's dtype
+        (validation previews sample one seed at a time)."""
+        hidden = einsum(x, self.down[n].to(x.dtype), "... i, r i -> ... r")
+        return einsum(hidden, self.up[n].to(x.dtype), "... r, o r -> ... o") * (self.scale * self.multiplier)
+
     def single(self, n: int) -> TrainableLoRA:
         """Seed n as a single-seed adapter (detached copies), e.g. to export or save it."""
         return TrainableLoRA(self.down[n].detach(), self.up[n].detach(), self.scale)

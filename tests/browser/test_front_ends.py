@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib.metadata
 
 import pytest
-from ui_kit import (NEWEST_FRONTEND, TINY_BLORA, example_workflows, frontend_root, load_workflow, new_page, open_ui,
-                    prepare_ui_server, read_workflow, set_widgets)
+from ui_kit import (NEWEST_FRONTEND, PREVIEWS_SMALL, TINY_BLORA, example_workflows, frontend_root, load_workflow,
+                    new_page, open_ui, prepare_ui_server, read_workflow, set_widgets)
 
 TRAIN_STEPS = 4
 TRAIN = {"BLoRATrain.steps": TRAIN_STEPS, "BLoRATrain.resolution": 64, "BLoRATrain.rank": 4, "BLoRATrain.alpha": 4.0,
          "BLoRATrain.learning_rate": 1e-3, "BLoRATrain.training_dtype": "fp32",
-         "BLoRATrain.gradient_checkpointing": False, "BLoRATrain.save_every": 0}
+         **PREVIEWS_SMALL}
 SMALL = {"EmptyLatentImage.width": 64, "EmptyLatentImage.height": 64, "EmptyLatentImage.batch_size": 1,
          "KSampler.steps": 2}
 VUE_NODES_SINCE = (1, 30)  # "Nodes 2.0": experimental in 1.27, a user-facing mode in the 1.4x/1.5x front ends

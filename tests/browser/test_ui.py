@@ -8,8 +8,9 @@ import math
 
 import pytest
 
-from ui_kit import (ARTIFACTS, DOCS, EXAMPLES, OUR_EXTENSIONS, PACK_WEB, TINY_BLORA, example_workflows, fit_view,
-                    focus_mode, graph_clip, load_workflow, open_ui, read_workflow, screenshot, set_widgets, unexplained)
+from ui_kit import (ARTIFACTS, DOCS, EXAMPLES, OUR_EXTENSIONS, PACK_WEB, PREVIEWS_SMALL, TINY_BLORA, example_workflows,
+                    fit_view, focus_mode, graph_clip, load_workflow, open_ui, read_workflow, screenshot, set_widgets,
+                    unexplained)
 
 TRAIN_EXAMPLE = "train_then_apply"  # preferred; else the first example with a Train B-LoRA node
 APPLY_EXAMPLE = "style_transfer"  # preferred; else the first example with Load B-LoRA and no training
@@ -18,7 +19,7 @@ TRAIN_STEPS = 40
 # learning rate and rank high enough that the loss visibly falls within the run (README's screenshot shows it).
 TRAIN_OVERRIDES = {"BLoRATrain.steps": TRAIN_STEPS, "BLoRATrain.resolution": 64, "BLoRATrain.rank": 8,
                    "BLoRATrain.alpha": 8.0, "BLoRATrain.learning_rate": 3e-2, "BLoRATrain.training_dtype": "fp32",
-                   "BLoRATrain.gradient_checkpointing": False, "BLoRATrain.save_every": 0}
+                   **PREVIEWS_SMALL}
 PANELS = {"BLoRATrain": "chart", "BLoRALoader": "blockMap"}
 QUEUE_PANEL_COMMANDS = ("Workspace.ToggleSidebarTab.queue", "Comfy.Queue.ToggleOverlay")  # 1.27; 1.4x/1.5x
 # Any example graph made cheap for the tiny checkpoint.

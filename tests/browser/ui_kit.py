@@ -38,6 +38,17 @@ UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, 
 # Front ends besides the host's pinned one: `pip install --target <FRONTENDS>/<version> comfyui-frontend-package==
 # <version>` (.ci/run does), served with --front-end-root <that>/comfyui_frontend_package/static.
 FRONTENDS = Path(os.environ.get("BLORA_FRONTENDS", Path.home() / ".cache" / "blora-ci" / "frontends"))
+# The training examples' B-LoRA Validation node made cheap for the tiny checkpoint (64 px, 2 sampler steps).
+PREVIEWS_SMALL = {"BLoRAValidation.width": 64, "BLoRAValidation.height": 64, "BLoRAValidation.steps": 2,
+                  "BLoRAValidation.every": 10}
+# Train B-LoRA's widgets before its settings moved to their own nodes (web/js/train_legacy.js), in saved order.
+OLD_TRAIN_WIDGETS = ["blocks", "layer_filter", "rank", "alpha", "algorithm", "rslora", "learning_rate",
+                     "loraplus_ratio", "optimizer", "weight_decay", "steps", "batch_size", "grad_accumulation",
+                     "resolution", "flip", "seed", "control_after_generate", "training_dtype",
+                     "gradient_checkpointing", "save_every", "filename_prefix", "resume_from", "init", "random_crop",
+                     "color_jitter", "save_precision", "seeds", "seed_draws", "dora_wd", "lokr_factor",
+                     "lokr_decompose_both", "lokr_full_matrix", "adalora_target_rank", "adalora_warmup",
+                     "adalora_final", "adalora_interval", "adalora_orth_reg"]
 NEWEST_FRONTEND = "1.58.1"  # the newest comfyui-frontend-package the registry serves (2026-11)
 
 

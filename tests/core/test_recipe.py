@@ -47,8 +47,13 @@ def test_defaults_are_the_paper_recipe():
     assert c.scale == 1.0 and c.stored_alpha == 64.0 and c.roles == ("content", "style")
 
 
+@pytest.mark.parametrize("old, new", [(True, "trained blocks"), (False, "off"), ("all above", "all above")])
+def test_gradient_checkpointing_takes_a_mode_or_the_old_boolean(old, new):
+    assert TrainConfig(gradient_checkpointing=old).gradient_checkpointing == new
+
+
 @pytest.mark.parametrize("field, value", [
-    ("blocks", "everything"), ("rank", 0), ("alpha", 0.0), ("alpha", float("nan")), ("algorithm", "IA3"),
+    ("gradient_checkpointing", "everything"), ("blocks", "everything"), ("rank", 0), ("alpha", 0.0), ("alpha", float("nan")), ("algorithm", "IA3"),
     ("learning_rate", -1e-4), ("loraplus_ratio", 0.0), ("optimizer", "Adam"), ("weight_decay", -0.1),
     ("steps", 0), ("batch_size", 0), ("grad_accumulation", 0), ("resolution", 32), ("seed", -1),
     ("training_dtype", "fp8"), ("save_every", -5), ("layer_filter", "attn[12"), ("eps", 0.0),

@@ -22,12 +22,9 @@ from blora.formats.files import read_adapter
 from blora.adapters.trainable import Trainable
 from blora.adapters.kinds.lora import TrainableLoRA
 
-INPUTS = ["model", "vae", "images", "positive", "blocks", "layer_filter", "rank", "alpha", "algorithm", "rslora",
-          "learning_rate", "loraplus_ratio", "optimizer", "weight_decay", "steps", "batch_size",
-          "grad_accumulation", "resolution", "flip", "seed", "training_dtype", "gradient_checkpointing",
-          "save_every", "filename_prefix", "resume_from", "init", "training_set", "random_crop", "color_jitter",
-          "save_precision", "seeds", "seed_draws", "dora_wd", "lokr_factor", "lokr_decompose_both", "lokr_full_matrix",
-          "adalora_target_rank", "adalora_warmup", "adalora_final", "adalora_interval", "adalora_orth_reg"]
+INPUTS = ["model", "vae", "images", "positive", "training_set", "blocks", "layer_filter", "rank", "alpha", "algorithm",
+          "learning_rate", "steps", "resolution", "seed", "training_dtype", "filename_prefix", "seeds", "seed_draws",
+          "algorithm_options", "augmentation", "checkpoints", "memory", "validation"]
 TARGET_KEY = re.compile(r"^diffusion_model\.output_blocks\.[01]\.1\.transformer_blocks\.\d+\.attn[12]\."
                         r"(to_q|to_k|to_v|to_out\.0)\.weight$")
 FAST = dict(blocks="content+style", layer_filter="", rank=4, alpha=4.0, algorithm="LoRA", rslora=False,
@@ -44,7 +41,7 @@ def train(node, model, vae, images=None, positive=None, node_id="5", **settings)
     """(MODEL, BLORA, ui) from the node run as the executor runs it (inference mode); the LOSS_MAP output is
     checked against the ui's losses here."""
     inputs = dict(FAST, **settings)
-    (out_model, blora, losses), ui = run_node(node, hidden={"UNIQUE_ID": node_id}, model=model, vae=vae,
+    (out_model, blora, losses, _previews), ui = run_node(node, hidden={"UNIQUE_ID": node_id}, model=model, vae=vae,
                                       images=image() if images is None else images,
                                       positive=tiny_conditioning(0) if positive is None else positive, **inputs)
     assert losses == {"loss": ui["loss"]}
@@ -79,7 +76,7 @@ def test_schema_is_the_public_interface(node):
     assert (schema.node_id, schema.display_name, schema.category) == ("BLoRATrain", "Train B-LoRA", "B-LoRA/train")
     assert [i.id for i in schema.inputs] == INPUTS
     assert all(i.tooltip for i in schema.inputs + schema.outputs) and schema.description
-    assert [o.io_type for o in schema.outputs] == ["MODEL", "BLORA", "LOSS_MAP"]
+    assert [o.io_type for o in schema.outputs] == ["MODEL", "BLORA", "LOSS_MAP", "IMAGE"]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

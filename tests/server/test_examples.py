@@ -23,6 +23,7 @@ EXTRA_BLOCK = "output_blocks.2.1"  # in every test B-LoRA: a block no role may a
 BLOCK_WEIGHTS = {"content": 0.7, "style": -0.4}  # the weights text the block-weights examples get (default 0)
 TRAIN_CHEAP = {"steps": 2, "resolution": 64, "rank": 4, "save_every": 0, "batch_size": 1, "grad_accumulation": 1,
                "training_dtype": "fp32"}
+VALIDATION_CHEAP = {"width": 64, "height": 64, "steps": 2, "every": 1}
 LATENT_ATOL = 1e-4  # saved latents are ~1e2 in size: 1e-6 relative
 DYNAMIC_ATOL = 1e-2  # per-call weights or per-row deltas against the host's patches: float32 rounding
 
@@ -164,6 +165,8 @@ def prepare(server, name: str):
         elif kind == "BLoRATrain":
             inputs.update({k: v for k, v in TRAIN_CHEAP.items() if k in inputs})
             inputs["filename_prefix"] = f"examples/{name}/blora"
+        elif kind == "BLoRAValidation":
+            inputs.update(VALIDATION_CHEAP)
         elif kind == "BLoRABlockWeights":
             inputs["weights"] = "default=0\n" + "\n".join(f"{r}={s}" for r, s in BLOCK_WEIGHTS.items())
     for nid, node in list(graph.items()):  # every sampled latent is saved, to compare exactly

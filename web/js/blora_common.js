@@ -56,13 +56,15 @@ export function element(tag, style = {}, text = "") {
 
 /**
  * Add a presentation-only DOM widget to a node: never serialised into the workflow or the API prompt, so saved
- * workflows and widget order stay exactly what the backend defines.
+ * workflows and widget order stay exactly what the backend defines. minHeight: a number, or a function giving it
+ * (a panel whose content grows).
  */
 export function addPanel(node, name, root, minHeight) {
+  const height = typeof minHeight === "function" ? minHeight : () => minHeight;
   const widget = node.addDOMWidget(name, "blora_panel", root, {
     serialize: false,
     hideOnZoom: false,
-    getMinHeight: () => minHeight,
+    getMinHeight: () => height(),
     getValue: () => "",
     setValue: () => {},
   });
