@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchkit import ROOT, setup_host
+from benchkit import ROOT, setup_host, stamp_every_step
 
 RESULTS = ROOT / "bench" / "RESULTS-kinds.txt"
 ALGORITHMS = ("LoRA", "DoRA", "LoKr", "LoHa", "AdaLoRA")
@@ -41,7 +41,6 @@ def _status_kb(field: str) -> int:
 
 def worker(args) -> None:
     setup_host(args.threads)
-    import comfy.utils
     import folder_paths
     import torch
     from blora_testkit.tiny_sdxl import tiny_conditioning, tiny_sdxl_model
@@ -57,8 +56,7 @@ def worker(args) -> None:
     config = TrainConfig(rank=args.rank, alpha=float(args.rank), steps=args.steps, learning_rate=1e-3,
                          resolution=args.res, training_dtype="fp32", algorithm=args.worker)
     stamps: list[tuple[float, float]] = []
-    comfy.utils.set_progress_bar_global_hook(
-        lambda value, total, preview, node_id=None: stamps.append((time.perf_counter(), time.process_time())))
+    stamp_every_step(lambda: stamps.append((time.perf_counter(), time.process_time())))
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
     rss0 = _status_kb("VmRSS")
     with torch.inference_mode():

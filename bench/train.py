@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchkit import ROOT, full_sdxl_model, host_train_lora, setup_host
+from benchkit import ROOT, full_sdxl_model, host_train_lora, setup_host, stamp_every_step
 
 RESULTS = ROOT / "bench" / "RESULTS-train.txt"
 
@@ -95,7 +95,6 @@ def mid_sdxl_model():
 
 
 def run_ours(args, model, vae, image, cond, stamp) -> list[float]:
-    import comfy.utils
     import torch
 
     from blora.host.train import train_blora
@@ -103,7 +102,7 @@ def run_ours(args, model, vae, image, cond, stamp) -> list[float]:
 
     config = TrainConfig(rank=args.rank, alpha=float(args.rank), steps=args.steps, learning_rate=1e-4,
                          resolution=args.res, training_dtype=args.dtype, gradient_checkpointing=args.gc)
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: stamp())
+    stamp_every_step(stamp)
     with torch.inference_mode():
         return train_blora(model, vae, image, cond, config, filename_prefix="bench/ours").losses
 
