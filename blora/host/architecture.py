@@ -1,20 +1,12 @@
 """Which architecture a host model is, and the refusal of an adapter for another one (``blora.arch`` holds the
-facts; this module only reads the model's weight paths)."""
+facts; this module only reads the model's weight paths, ``patch.model_weight_shapes``)."""
 from __future__ import annotations
 
 from typing import Iterable, Mapping
 
 from .. import arch
 from ..adapters.adapter import Adapter
-
-UNET_PREFIX = "diffusion_model."
-
-
-def model_weight_paths(model) -> list[str]:
-    """Canonical module paths of every weight of the model's diffusion model (ModelPatcher or BaseModel)."""
-    base = getattr(model, "model", model)
-    return [k[len(UNET_PREFIX):-len(".weight")] for k in base.state_dict()
-            if k.startswith(UNET_PREFIX) and k.endswith(".weight")]
+from .patch import model_weight_shapes
 
 
 def model_name(model) -> str:
@@ -25,12 +17,12 @@ def model_name(model) -> str:
 
 def model_architecture(model, shapes: Mapping[str, tuple[int, ...]] | None = None) -> arch.Architecture | None:
     """The model's architecture (SDXL, FLUX.1) from its weight paths, or None."""
-    return arch.detect_model(shapes if shapes is not None else model_weight_paths(model))
+    return arch.detect_model(shapes if shapes is not None else model_weight_shapes(model))
 
 
 def require_architecture(model, adapters: Iterable[Adapter] = (), shapes: Mapping[str, tuple[int, ...]] | None = None,
                          supported: Iterable[str] | None = None) -> arch.Architecture:
     """The model's architecture; ArchitectureError (naming the model, the file and both architectures) when it is
     none the pack supports (or not in ``supported``), or an adapter is for another one."""
-    return arch.require_match(shapes if shapes is not None else model_weight_paths(model), model_name(model),
+    return arch.require_match(shapes if shapes is not None else model_weight_shapes(model), model_name(model),
                               [(a.source or "adapter", a.modules) for a in adapters], supported)

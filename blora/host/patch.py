@@ -21,17 +21,16 @@ import comfy.lora
 import torch
 
 from ..adapters.adapter import Adapter, ModuleAdapter
-from ..arch.sdxl import ROLES
 from ..compose.plan import Static
 from ..adapters.dora import dora_weight
 from ..errors import ArchitectureError, BLoRAError
+from ..formats.dialects import UNET_PREFIX
 from ..formats.keys import from_canonical
 from ..adapters.kinds.full import Full
 from . import compat
 from .routed import RoutedLinear
 from .timed import LayerDelta
 
-UNET_PREFIX = "diffusion_model."
 SHOWN = 5  # module names quoted in an error before "… and N more"
 PEFT_DORA = "adapted"  # ModuleAdapter.dora_norm of PEFT/paper DoRA
 
@@ -51,23 +50,6 @@ def model_weight_shapes(model) -> dict[str, tuple[int, ...]]:
     base = getattr(model, "model", model)
     return {k[len(UNET_PREFIX):-len(".weight")]: tuple(v.shape) for k, v in base.state_dict().items()
             if k.startswith(UNET_PREFIX) and k.endswith(".weight")}
-
-
-def _model_name(model) -> str:
-    base = getattr(model, "model", model)
-    config = getattr(base, "model_config", None)
-    return type(base).__name__ + (f" ({type(config).__name__})" if config is not None else "")
-
-
-def require_sdxl(model, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
-    """Raise ArchitectureError unless the model has the SDXL attention blocks B-LoRA uses (content
-    output_blocks.0.1, style output_blocks.1.1, layout input_blocks.8.1, each with transformer blocks)."""
-    shapes = model_weight_shapes(model) if shapes is None else shapes
-    for role, ldm in ROLES.items():
-        prefix = ldm + ".transformer_blocks."
-        if not any(p.startswith(prefix) for p in shapes):
-            raise ArchitectureError(f"B-LoRA needs an SDXL-architecture model, got {_model_name(model)}: it has no "
-                                    f"attention block {ldm} ({role} block)")
 
 
 def _kohya_name(path: str) -> str:

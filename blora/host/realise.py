@@ -17,8 +17,9 @@ delta goes):
   clone samples with them, e.g. previews) or for a whole training run by ``installed`` (which a loop calling the
   UNet directly needs: checkpointed layers recompute with the hooks in place).
 
-Everything is checked before the clone is made (an SDXL-architecture model, every module present with its shape,
-routed modules Linear layers, every module loaded by the host); the input model is never modified.
+Everything is checked before the clone is made (a supported architecture that every adapter is for, every module
+present with its shape, routed modules Linear layers, every module loaded by the host); the input model is never
+modified.
 """
 from __future__ import annotations
 
