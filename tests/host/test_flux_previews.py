@@ -11,7 +11,6 @@ from blora_testkit.tiny_flux import LATENT_CHANNELS, SINGLE, tiny_flux_condition
 from blora_testkit.tiny_vae import tiny_vae
 from blora_testkit.train_fixtures import node, one_thread  # noqa: F401
 
-from blora.arch.flux import CONTENT
 from blora.formats.files import read_adapter
 from blora.train.previews import ValidationSettings
 
@@ -21,8 +20,10 @@ FAST = dict(blocks="content+style", layer_filter="", rank=4, alpha=4.0, algorith
 FP32 = {"save_every": 0, "save_precision": "fp32", "resume_from": "none"}
 # FLUX dev is sampled at cfg 1 with its distilled guidance in the conditioning (FluxGuidance)
 PREVIEW = ValidationSettings(every=2, steps=3, cfg=1.0, width=64, height=64, seed=3, scheduler="simple")
-CONTENT_BLOCKS = {b for b in CONTENT if int(b.rsplit(".", 1)[1]) < SINGLE}  # the tiny model's 12 single blocks
-STYLE_BLOCKS = {f"single_blocks.{n}" for n in range(SINGLE)} - CONTENT_BLOCKS
+# SplitFlux's split in host names (single-stream blocks 20-29 of 57 content, 30-57 style): of the tiny model's 12
+# single blocks, 0-9 are content and 10-11 style
+CONTENT_BLOCKS = {f"single_blocks.{n}" for n in range(10)}
+STYLE_BLOCKS = {"single_blocks.10", "single_blocks.11"}
 
 
 @pytest.fixture
