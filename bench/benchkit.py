@@ -18,6 +18,11 @@ FULL_SDXL_EXTRA = {"image_size": 32, "use_checkpoint": False, "in_channels": 4, 
                    "legacy": False, "num_classes": "sequential", "num_head_channels": 64,
                    "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
                    "use_temporal_attention": False, "use_temporal_resblock": False}
+# FLUX.1 dev as the host detects it from the checkpoint (comfy/model_detection.py): 19 double + 38 single blocks,
+# hidden 3072 (24 heads of 128), T5 context 4096, pooled CLIP-L 768, guidance embedding
+FLUX_DEV = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+            "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
+            "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
 _T0 = time.perf_counter()
 
 
@@ -103,6 +108,47 @@ def fill_random_(module, dtype, seed: int = 0) -> None:
                 p.fill_(1.0 if "norm" in name else 0.0)
             else:
                 p.copy_(noise[:p.numel()].view(p.shape)).mul_(1.0 / p[0].numel() ** 0.5)
+
+
+def randn_like_init_(module, seed: int = 0) -> None:
+    """Random weights made where the weights are (on a GPU: fast, nothing crosses the bus), each matrix its own
+    draw scaled by 1/sqrt(fan_in); 1-d parameters: 1 for norms, 0 otherwise."""
+    import torch
+
+    generators = {}
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0 if "norm" in name else 0.0)
+                continue
+            g = generators.get(p.device)
+            if g is None:
+                g = generators[p.device] = torch.Generator(p.device).manual_seed(seed)
+            p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)).mul_(1.0 / p[0].numel() ** 0.5)
+
+
+def flux_model(config: dict, dtype, device, seed: int = 0):
+    """ModelPatcher around a FLUX.1-architecture ``model_base.Flux`` of ``config`` (``FLUX_DEV`` or a narrower or
+    shallower copy), made on ``device`` in ``dtype`` with random weights (``randn_like_init_``); load and offload
+    device both ``device`` (nothing moves). Make it under ``torch.inference_mode()`` to get what a loader gives."""
+    import dataclasses
+
+    import comfy.model_patcher
+    import comfy.supported_models
+    from comfy.ldm.flux.model import FluxParams
+
+    config = dict(config)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:  # 0.33+: a field without a default
+        config.setdefault("txt_ids_dims", [])
+
+    class RandomFlux(comfy.supported_models.Flux):
+        unet_config = dict(config)
+
+    model_config = RandomFlux(dict(config))
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({}, device=device)
+    randn_like_init_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 
 def full_sdxl_model(dtype):

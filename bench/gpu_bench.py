@@ -1,7 +1,9 @@
-"""GPU benchmark of Train B-LoRA (issue 16): speed and VRAM at 1024 px on a full-width SDXL UNet, against the
-minimal loop and the host's own trainer, with the host's dynamic VRAM loader on and off.
+"""GPU benchmark of Train B-LoRA (issues 16, 17): speed and VRAM at 1024 px on a full-width SDXL UNet, against the
+minimal loop and the host's own trainer, with the host's dynamic VRAM loader on and off; and on the full FLUX.1 dev
+model against the minimal loop.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/gpu_bench.py [--out bench/RESULTS-gpu-train.txt]
+    COMFYUI_PATH=... python bench/gpu_bench.py --sections flux --flux-timeout 150   # the FLUX section alone
     COMFYUI_PATH=... python bench/gpu_bench.py --device cpu --toy      # a dry run of the whole script on the CPU
 
 Model: a full-width SDXL UNet (the real unet_config) with random weights, bf16, made as a checkpoint loader makes it
@@ -18,17 +20,31 @@ synchronised at both ends of the window:
   and on, at each ``--host-depths`` checkpoint depth (the best is reported);
 - the VRAM table: ours, each checkpointing mode, at 512, 768 and 1024 px (``--table-steps`` steps each).
 
-Each of the two loader modes (``static``: ``--disable-dynamic-vram``; ``dynamic``: booted as main.py boots it,
+FLUX.1 (issue 17; its own process, capped by ``--flux-timeout``; static loader only): the full FLUX.1 dev config
+(``benchkit.FLUX_DEV``: 19 double + 38 single blocks, hidden 3072, guidance embedding) with random bf16 weights made
+on the GPU (``benchkit.flux_model``, under inference mode as a loader gives them; no checkpoint file); one 1024 px
+image through the test kit's 16-channel VAE (latent 16 x 128 x 128, packed 2 x 2: 4096 image tokens), random T5
+context (512 x 4096), pooled CLIP-L (768) and guidance 3.5; rank ``--rank`` (64), the default blocks (content+style:
+linear1 and linear2 of all 38 single blocks, SplitFlux's presets), AdamW, lr 1e-4:
+
+- ours (``train_blora``, as for SDXL) with checkpointing ``trained blocks`` (the default) and ``off``;
+- the minimal loop (``minimal_train.train_flow``: plain torch, the same targets, rank, dtype and latent, flow
+  matching against the velocity) without checkpointing and with its trained blocks checkpointed;
+- each on a fresh model where the one before was the minimal loop's (it rebuilds the targets in place).
+
+Each of the two SDXL loader modes (``static``: ``--disable-dynamic-vram``; ``dynamic``: booted as main.py boots it,
 ``gpu_check.boot``) runs in its own process, every job of it in turn on one model; results are appended as JSON
-lines, so a process that runs out of time keeps what finished. Figures: s/step, the 1000-step time it implies,
-peak VRAM (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; on the CPU dry run the peak
-RSS the job adds). Goals (issue 16): 1000 steps at 1024 px in at most 2 minutes on an H100/H200-class GPU, the
-default's peak VRAM at most 10 GB and its step at most 1.1x the minimal loop's. Prints the table and writes it to
-``--out``.
+lines, so a process that runs out of time keeps what finished; ``--sections`` picks SDXL, FLUX or both. Figures:
+s/step, the 1000-step time it implies, peak VRAM (``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``, the model's weights included; on the CPU dry run the peak RSS the job adds). Goals
+(issue 16, SDXL): 1000 steps at 1024 px in at most 2 minutes on an H100/H200-class GPU, the default's peak VRAM at
+most 10 GB and its step at most 1.1x the minimal loop's; FLUX is held to the same step ratios (default at most 1.1x
+the minimal loop without checkpointing, ``off`` at most 1.05x). Prints the tables and writes them to ``--out``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -46,11 +62,21 @@ RESULTS = HERE / "RESULTS-gpu-train.txt"
 MODES = ("off", "trained blocks", "all above")
 DEFAULT_MODE = "trained blocks"
 GIB = 2 ** 30
+SECTIONS = ("sdxl", "flux")
+FLUX_TOY_TOKENS = 8  # T5 tokens of the toy run (the full run: 512)
+FLUX_GUIDANCE = 3.5
 
 
 # ------------------------------------------------------------------------------------------------- the jobs
 def jobs_for(loader: str, ns) -> list[dict]:
-    """What one loader process runs, in order (the minimal loop last: it rebuilds the UNet's targets in place)."""
+    """What one loader process runs, in order (the minimal loop last: it rebuilds the UNet's targets in place;
+    FLUX: the two figures of the main ratio first, so a process cut short by its timeout still gives it)."""
+    if loader == "flux":
+        res, steps = ns.flux_res, ns.flux_steps
+        return [dict(kind="ours", gc=DEFAULT_MODE, offload=False, res=res, steps=steps),
+                dict(kind="minimal", gc="off", res=res, steps=steps),
+                dict(kind="ours", gc="off", offload=False, res=res, steps=steps),
+                dict(kind="minimal", gc=DEFAULT_MODE, res=res, steps=steps)]
     res = ns.res
     jobs = [dict(kind="ours", gc=m, offload=False, res=res, steps=ns.steps) for m in MODES]
     jobs += [dict(kind="ours", gc=m, offload=True, res=res, steps=ns.steps)
@@ -195,15 +221,17 @@ def inputs(ns, vae, context_dim: int, res: int):
     return image, [[torch.randn(1, 77, context_dim, generator=gen), cond[0][1]]]
 
 
-def run_ours(job, ns, patcher, vae, context_dim, dtype, device) -> dict:
+def run_ours(job, ns, patcher, vae, context_dim, dtype, device, image_cond=None, warmup=None) -> dict:
+    """Train B-LoRA (``train_blora``) on ``image_cond`` (default: SDXL's ``inputs``)."""
     import torch
 
     from blora.host.train import train_blora
     from blora.train.recipe import TrainConfig
 
-    image, cond = inputs(ns, vae, context_dim, job["res"])
-    window = Window(device, ns.warmup, ns.warmup + job["steps"])
-    config = TrainConfig(rank=ns.rank, alpha=float(ns.rank), steps=ns.warmup + job["steps"], learning_rate=1e-4,
+    image, cond = image_cond or inputs(ns, vae, context_dim, job["res"])
+    warmup = ns.warmup if warmup is None else warmup
+    window = Window(device, warmup, warmup + job["steps"])
+    config = TrainConfig(rank=ns.rank, alpha=float(ns.rank), steps=warmup + job["steps"], learning_rate=1e-4,
                          resolution=job["res"], training_dtype=dtype, gradient_checkpointing=job["gc"],
                          offload=job["offload"], save_precision="bf16")
     with torch.inference_mode():
@@ -272,11 +300,137 @@ def run_minimal(job, ns, patcher, vae, context_dim, dtype, device) -> dict:
     return {"s_per_step": window.per_step(), "loss_first": losses[0], "loss_last": losses[-1]}
 
 
+def flux_inputs(ns, res: int):
+    """One image (random, ``res`` px) and FLUX dev conditioning: T5 context (1, tokens, width), pooled CLIP-L,
+    guidance; the full model's widths, or the tiny test model's (--toy)."""
+    import torch
+
+    from blora_testkit import tiny_flux
+    from benchkit import FLUX_DEV
+
+    tokens, width, pooled = ((FLUX_TOY_TOKENS, tiny_flux.CONTEXT_DIM, tiny_flux.POOLED_DIM) if ns.toy else
+                             (512, FLUX_DEV["context_in_dim"], FLUX_DEV["vec_in_dim"]))
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(1, res, res, 3, generator=gen)
+    return image, [[torch.randn(1, tokens, width, generator=gen),
+                    {"pooled_output": torch.randn(1, pooled, generator=gen), "guidance": FLUX_GUIDANCE}]]
+
+
+def build_flux(ns, device):
+    """(patcher factory, 16-channel VAE, dtype name): the full FLUX.1 dev config in bf16 with random weights made
+    on ``device``, or the tiny FLUX test model's config in fp32 (--toy); under inference mode, as a loader node
+    gives a model."""
+    import torch
+
+    from benchkit import FLUX_DEV, flux_model
+    from blora_testkit.tiny_flux import LATENT_CHANNELS, tiny_flux_unet_config
+    from blora_testkit.tiny_vae import tiny_vae
+
+    config, dtype = (tiny_flux_unet_config(), torch.float32) if ns.toy else (FLUX_DEV, torch.bfloat16)
+
+    def make():
+        with torch.inference_mode():
+            return flux_model(config, dtype, device)
+
+    return make, tiny_vae(0, latent_channels=LATENT_CHANNELS), "fp32" if ns.toy else "bf16"
+
+
+def _ordinary_on(module, device, dtype) -> None:
+    """``module``'s weights as ordinary frozen tensors on ``device`` in ``dtype`` (a loader's are inference
+    tensors, which plain autograd cannot save), one at a time; the host's ops then run a plain forward."""
+    import torch
+
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None:
+                    m._parameters[name] = torch.nn.Parameter(p.detach().to(device, dtype).clone(),
+                                                             requires_grad=False)
+        for m in module.modules():
+            if hasattr(m, "comfy_cast_weights"):
+                m.comfy_cast_weights = False
+
+
+@contextlib.contextmanager
+def host_training_mode():
+    """The host's ``model_management.in_training`` raised (0.33+; the host's own trainer does so): FLUX's rope then
+    runs in torch ops autograd can differentiate, not comfy_kitchen's fused kernel, which has no backward."""
+    import comfy.model_management as mm
+
+    before = getattr(mm, "in_training", None)
+    if before is not None:
+        mm.in_training = True
+    try:
+        yield
+    finally:
+        if before is not None:
+            mm.in_training = before
+
+
+def run_minimal_flux(job, ns, patcher, vae, dtype, device) -> dict:
+    """bench/minimal_train.py's flow-matching loop (``train_flow``) on this patcher's FLUX model."""
+    import minimal_train
+    import torch
+
+    from blora.host.train import linear_paths
+    from blora.train.recipe import TRAINING_DTYPES, TrainConfig, select_targets
+
+    torch_dtype = TRAINING_DTYPES[dtype]
+    model = patcher.model.diffusion_model
+    _ordinary_on(model, device, torch_dtype)
+    with torch.inference_mode(False):
+        targets = select_targets(linear_paths(patcher), TrainConfig(), "flux")
+        image, cond = flux_inputs(ns, job["res"])
+        with torch.no_grad():
+            latent = vae.encode(image).float()
+        x0 = ((latent - minimal_train.FLUX_LATENT_SHIFT) * minimal_train.FLUX_LATENT_SCALE).to(device)
+        context, extras = cond[0]
+        params = minimal_train.attach(model, targets, ns.rank, float(ns.rank), job["gc"] != "off")
+        window = Window(device, ns.flux_warmup, ns.flux_warmup + job["steps"])
+        with host_training_mode():
+            losses = minimal_train.train_flow(model, x0, context, extras["pooled_output"],
+                                              torch.tensor([extras["guidance"]]), params,
+                                              ns.flux_warmup + job["steps"], 1e-4, torch_dtype, window.step)
+    return {"s_per_step": window.per_step(), "loss_first": losses[0], "loss_last": losses[-1],
+            "targets": len(targets)}
+
+
+def flux_worker(ns, results: Path) -> int:
+    """The FLUX section's jobs in turn (``jobs_for("flux")``), each appended to ``results`` as it ends."""
+    import comfy.model_management as mm
+
+    device = mm.get_torch_device()
+    factory, vae, dtype = build_flux(ns, device)
+    patcher, previous = None, None
+    for job in jobs_for("flux", ns):
+        started = time.perf_counter()
+        try:
+            if patcher is None or job["kind"] == "minimal" or previous == "minimal":
+                patcher = None
+                _reset_memory(device)
+                patcher = factory()
+            rss0 = _reset_memory(device)
+            if job["kind"] == "ours":
+                out = run_ours(job, ns, patcher, vae, None, dtype, device, flux_inputs(ns, job["res"]),
+                               warmup=ns.flux_warmup)
+            else:
+                out = run_minimal_flux(job, ns, patcher, vae, dtype, device)
+            out["peak_gib"] = _peak_gib(device, rss0)
+        except Exception as e:  # noqa: BLE001 - reported in the table, the other jobs still run
+            out = {"error": f"{type(e).__name__}: {e}"[:300]}
+            traceback.print_exc()
+        previous = job["kind"]
+        out.update(job=job, seconds=time.perf_counter() - started)
+        with results.open("a") as f:
+            f.write(json.dumps(out) + "\n")
+    return 0
+
+
 def worker(ns) -> int:
     sys.path[:0] = [str(HERE)]
     import gpu_check
 
-    info = gpu_check.boot(ns.worker, ns.device)
+    info = gpu_check.boot("static" if ns.worker == "flux" else ns.worker, ns.device)
     import comfy.model_management as mm
     import folder_paths
     import torch
@@ -284,6 +438,8 @@ def worker(ns) -> int:
     folder_paths.set_output_directory(tempfile.mkdtemp(prefix="blora-gpu-bench-"))
     results = Path(ns.results)
     results.write_text(json.dumps({"info": info}) + "\n")
+    if ns.worker == "flux":
+        return flux_worker(ns, results)
     if ns.worker == "dynamic" and not info.get("dynamic_enabled"):
         return 0  # nothing to measure: the table says why
     device = mm.get_torch_device()
@@ -319,15 +475,17 @@ def run_loader(loader: str, ns, workdir: Path) -> tuple[dict, list[dict], str]:
     cmd = [sys.executable, __file__, "--worker", loader, "--results", str(results), "--device", ns.device,
            "--steps", str(ns.steps), "--warmup", str(ns.warmup), "--table-steps", str(ns.table_steps),
            "--res", str(ns.res), "--rank", str(ns.rank), "--table-res", ",".join(map(str, ns.table_res)),
-           "--host-depths", ",".join(map(str, ns.host_depths))] + (["--toy"] if ns.toy else [])
+           "--host-depths", ",".join(map(str, ns.host_depths)), "--flux-res", str(ns.flux_res),
+           "--flux-steps", str(ns.flux_steps), "--flux-warmup", str(ns.flux_warmup)] + (["--toy"] if ns.toy else [])
+    timeout = ns.flux_timeout if loader == "flux" else ns.timeout
     note = ""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ns.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             note = f"worker exit {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-3:])[:400]
         (workdir / f"{loader}.log").write_text(proc.stdout + proc.stderr)
     except subprocess.TimeoutExpired:
-        note = f"timed out after {ns.timeout:.0f} s; the jobs that finished are shown"
+        note = f"timed out after {timeout:.0f} s; the jobs that finished are shown"
     lines = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     info = lines[0]["info"] if lines and "info" in lines[0] else {}
     return info, [r for r in lines if "job" in r], note
@@ -355,10 +513,42 @@ def _fits(peak_gib: float) -> str:
     return f"{cards[0]} GB" if cards else "more than 24 GB"
 
 
+def flux_table(ns, run: tuple) -> list[str]:
+    """The FLUX section: its header, one line per job, the ratios against the minimal loop."""
+    info, rows, note = run
+    unit = "GiB VRAM" if ns.device == "cuda" else "GiB RSS added"
+    model = ("tiny FLUX-architecture test model (2 double + 12 single blocks, hidden 64), fp32, "
+             f"{FLUX_TOY_TOKENS} context tokens (a dry run of the script, not GPU figures)" if ns.toy else
+             "full FLUX.1 dev config (19 double + 38 single blocks, hidden 3072, guidance embedding), random bf16 "
+             "weights made on the GPU; T5 context 512 x 4096, pooled 768")
+    latent = ns.flux_res // 8
+    targets = next((r["targets"] for r in rows if "targets" in r), None)
+    lines = ["", f"== FLUX.1 (issue 17): Train B-LoRA vs the minimal loop ==",
+             f"{model}; {ns.flux_res} px -> latent 16 x {latent} x {latent} ({(latent // 2) ** 2} image tokens), "
+             f"guidance {FLUX_GUIDANCE}; rank {ns.rank}, content+style (linear1 + linear2 of the single blocks"
+             + (f": {targets} layers" if targets else "") + f"), AdamW; {ns.flux_warmup} warm-up + {ns.flux_steps} "
+             f"measured steps",
+             f"[flux: static loader, dynamic VRAM {'on' if info.get('dynamic_enabled') else 'off'}"
+             + (f"; {note}" if note else "") + "]"]
+    for r in rows:
+        lines.append(f"  {job_name(r['job']):58s} {_fmt(r, unit)}")
+    by = {(r["job"]["kind"], r["job"]["gc"]): r for r in rows if "error" not in r and r.get("s_per_step")}
+    for (ours, minimal, goal) in ((DEFAULT_MODE, "off", " [goal <= 1.1]"), ("off", "off", " [goal <= 1.05]"),
+                                  (DEFAULT_MODE, DEFAULT_MODE, " (same recomputation)")):
+        a, b = by.get(("ours", ours)), by.get(("minimal", minimal))
+        if a and b:
+            lines.append(f"  ratio ours ({ours}) / minimal loop {'without' if minimal == 'off' else 'with'} "
+                         f"checkpointing: {a['s_per_step'] / b['s_per_step']:.2f}{goal}, peak "
+                         f"{a['peak_gib'] / max(b['peak_gib'], 1e-9):.2f}")
+    return lines
+
+
 def table(ns, runs: dict) -> list[str]:
     unit = "GiB VRAM" if ns.device == "cuda" else "GiB RSS added"
     lines = []
     for loader, (info, rows, note) in runs.items():
+        if loader == "flux":
+            continue
         head = f"[{loader}: dynamic VRAM {'on' if info.get('dynamic_enabled') else 'off'}"
         if info.get("dynamic_unavailable"):
             head += f" (unavailable: {info['dynamic_unavailable']})"
@@ -414,9 +604,14 @@ def main(argv=None) -> int:
     p.add_argument("--table-res", default=None, help="VRAM table resolutions (default 512,768,1024; toy 64,128)")
     p.add_argument("--rank", type=int, default=None, help="default 64; toy 4")
     p.add_argument("--host-depths", default="1,2", help="TrainLoraNode checkpoint_depth values tried")
-    p.add_argument("--timeout", type=float, default=230.0, help="seconds per loader process")
+    p.add_argument("--timeout", type=float, default=230.0, help="seconds per SDXL loader process")
+    p.add_argument("--sections", default="sdxl,flux", help="what to run: sdxl, flux or both (comma-separated)")
+    p.add_argument("--flux-timeout", type=float, default=150.0, help="seconds for the FLUX process")
+    p.add_argument("--flux-res", type=int, default=None, help="FLUX image size (default 1024; toy 64)")
+    p.add_argument("--flux-steps", type=int, default=None, help="FLUX measured steps (default 8; toy 2)")
+    p.add_argument("--flux-warmup", type=int, default=None, help="FLUX steps before the window (default 3; toy 1)")
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--worker", choices=("static", "dynamic"))
+    p.add_argument("--worker", choices=("static", "dynamic", "flux"))
     p.add_argument("--results")
     ns = p.parse_args(argv)
     toy = ns.toy
@@ -428,24 +623,35 @@ def main(argv=None) -> int:
     ns.table_res = [int(v) for v in (ns.table_res or ("64,128" if toy else "512,768,1024")).split(",")]
     ns.host_depths = [int(v) for v in str(ns.host_depths).split(",")]
     ns.table_steps = max(ns.table_steps, 1)
+    ns.flux_res = ns.flux_res or (64 if toy else 1024)
+    ns.flux_steps = ns.flux_steps or (2 if toy else 8)
+    ns.flux_warmup = ns.flux_warmup if ns.flux_warmup is not None else (1 if toy else 3)
+    ns.sections = [v.strip() for v in ns.sections.split(",") if v.strip()]
+    if not ns.sections or set(ns.sections) - set(SECTIONS):
+        p.error(f"--sections: a comma-separated choice of {', '.join(SECTIONS)}")
     if ns.worker:
         return worker(ns)
     if not os.environ.get("COMFYUI_PATH"):
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
     start = time.perf_counter()
+    loaders = (["static", "dynamic"] if "sdxl" in ns.sections else []) + (["flux"] if "flux" in ns.sections else [])
     with tempfile.TemporaryDirectory(prefix="blora-gpu-bench-") as tmp:
-        runs = {loader: run_loader(loader, ns, Path(tmp)) for loader in ("static", "dynamic")}
-    info = runs["static"][0]
+        runs = {loader: run_loader(loader, ns, Path(tmp)) for loader in loaders}
+    info = runs[loaders[0]][0]
     model = "tiny SDXL-architecture test model, fp32 (a dry run of the script, not GPU figures)" if toy else \
         "full-width SDXL UNet, random weights, bf16"
     lines = [f"bench/gpu_bench.py  {time.strftime('%Y-%m-%d %H:%M')}  {info.get('device_name', '?')}  torch "
              f"{info.get('torch', '?')}  ComfyUI {info.get('comfyui', '?')}  {platform.machine()}",
-             f"{model}; {ns.res} px, rank {ns.rank}, content+style, AdamW; {ns.warmup} warm-up + {ns.steps} measured "
-             f"steps (VRAM table: {ns.table_steps}); total {time.perf_counter() - start:.0f} s"]
+             f"sections: {', '.join(ns.sections)}; total {time.perf_counter() - start:.0f} s"]
     if ns.device != "cuda":
         lines.append("No GPU run has happened yet: this is the CPU dry run that checks the script end to end "
                      "(tests/host/test_gpu_bench.py runs it so); its seconds and memory say nothing about a GPU.")
-    lines += table(ns, runs)
+    if "sdxl" in ns.sections:
+        lines.append(f"== SDXL: {model}; {ns.res} px, rank {ns.rank}, content+style, AdamW; {ns.warmup} warm-up + "
+                     f"{ns.steps} measured steps (VRAM table: {ns.table_steps}) ==")
+        lines += table(ns, runs)
+    if "flux" in runs:
+        lines += flux_table(ns, runs["flux"])
     text = "\n".join(lines)
     print(text)
     Path(ns.out).write_text(text + "\n")
