@@ -60,6 +60,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "RESULTS-gpu-train.txt"
 MODES = ("off", "trained blocks", "all above")
+SDXL_JOB_GROUPS = ("ours", "offload", "host", "table", "minimal")
 DEFAULT_MODE = "trained blocks"
 GIB = 2 ** 30
 SECTIONS = ("sdxl", "flux")
@@ -87,7 +88,14 @@ def jobs_for(loader: str, ns) -> list[dict]:
         jobs += [dict(kind="ours", gc=m, offload=False, res=r, steps=ns.table_steps, table=True)
                  for r in ns.table_res if r != res for m in MODES]
         jobs += [dict(kind="minimal", gc=g, res=res, steps=ns.steps) for g in ("off", DEFAULT_MODE)]
-    return jobs
+    return [j for j in jobs if job_group(j) in ns.sdxl_jobs]
+
+
+def job_group(job: dict) -> str:
+    """The ``--sdxl-jobs`` group a job belongs to: ours, offload, host, table or minimal."""
+    if job["kind"] == "ours":
+        return "table" if job.get("table") else "offload" if job["offload"] else "ours"
+    return job["kind"]
 
 
 def job_name(job: dict) -> str:
@@ -476,7 +484,8 @@ def run_loader(loader: str, ns, workdir: Path) -> tuple[dict, list[dict], str]:
            "--steps", str(ns.steps), "--warmup", str(ns.warmup), "--table-steps", str(ns.table_steps),
            "--res", str(ns.res), "--rank", str(ns.rank), "--table-res", ",".join(map(str, ns.table_res)),
            "--host-depths", ",".join(map(str, ns.host_depths)), "--flux-res", str(ns.flux_res),
-           "--flux-steps", str(ns.flux_steps), "--flux-warmup", str(ns.flux_warmup)] + (["--toy"] if ns.toy else [])
+           "--flux-steps", str(ns.flux_steps), "--flux-warmup", str(ns.flux_warmup),
+           "--sdxl-jobs", ",".join(sorted(ns.sdxl_jobs))] + (["--toy"] if ns.toy else [])
     timeout = ns.flux_timeout if loader == "flux" else ns.timeout
     note = ""
     try:
@@ -606,6 +615,9 @@ def main(argv=None) -> int:
     p.add_argument("--host-depths", default="1,2", help="TrainLoraNode checkpoint_depth values tried")
     p.add_argument("--timeout", type=float, default=230.0, help="seconds per SDXL loader process")
     p.add_argument("--sections", default="sdxl,flux", help="what to run: sdxl, flux or both (comma-separated)")
+    p.add_argument("--sdxl-loaders", default="static,dynamic", help="SDXL loader processes: static, dynamic or both")
+    p.add_argument("--sdxl-jobs", default=",".join(SDXL_JOB_GROUPS),
+                   help="SDXL job groups run, in their fixed order: " + ", ".join(SDXL_JOB_GROUPS))
     p.add_argument("--flux-timeout", type=float, default=150.0, help="seconds for the FLUX process")
     p.add_argument("--flux-res", type=int, default=None, help="FLUX image size (default 1024; toy 64)")
     p.add_argument("--flux-steps", type=int, default=None, help="FLUX measured steps (default 8; toy 2)")
@@ -627,6 +639,12 @@ def main(argv=None) -> int:
     ns.flux_steps = ns.flux_steps or (2 if toy else 8)
     ns.flux_warmup = ns.flux_warmup if ns.flux_warmup is not None else (1 if toy else 3)
     ns.sections = [v.strip() for v in ns.sections.split(",") if v.strip()]
+    ns.sdxl_jobs = {v.strip() for v in ns.sdxl_jobs.split(",") if v.strip()}
+    if set(ns.sdxl_jobs) - set(SDXL_JOB_GROUPS):
+        p.error(f"--sdxl-jobs: a comma-separated choice of {', '.join(SDXL_JOB_GROUPS)}")
+    ns.sdxl_loaders = [v.strip() for v in ns.sdxl_loaders.split(",") if v.strip()]
+    if not ns.sdxl_loaders or set(ns.sdxl_loaders) - {"static", "dynamic"}:
+        p.error("--sdxl-loaders: static, dynamic or both")
     if not ns.sections or set(ns.sections) - set(SECTIONS):
         p.error(f"--sections: a comma-separated choice of {', '.join(SECTIONS)}")
     if ns.worker:
@@ -634,7 +652,7 @@ def main(argv=None) -> int:
     if not os.environ.get("COMFYUI_PATH"):
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
     start = time.perf_counter()
-    loaders = (["static", "dynamic"] if "sdxl" in ns.sections else []) + (["flux"] if "flux" in ns.sections else [])
+    loaders = (ns.sdxl_loaders if "sdxl" in ns.sections else []) + (["flux"] if "flux" in ns.sections else [])
     with tempfile.TemporaryDirectory(prefix="blora-gpu-bench-") as tmp:
         runs = {loader: run_loader(loader, ns, Path(tmp)) for loader in loaders}
     info = runs[loaders[0]][0]

@@ -83,3 +83,25 @@ def test_the_minimal_loops_flux_schedule_is_the_hosts(comfy_host):
     latent = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
     ours = (latent - minimal_train.FLUX_LATENT_SHIFT) * minimal_train.FLUX_LATENT_SCALE
     assert torch.equal(ours, model.model.process_latent_in(latent))
+
+
+def test_sdxl_job_groups_pick_jobs_in_their_fixed_order():
+    """--sdxl-jobs (a GPU run short of time runs the main ratio's jobs alone): only the named groups, the minimal
+    loop still last (it rebuilds the UNet's targets in place), the dynamic loader without the static-only groups."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    ns = SimpleNamespace(res=1024, steps=30, table_steps=3, table_res=[512, 768, 1024], host_depths=[2],
+                         sdxl_jobs={"ours", "minimal"})
+    names = [gpu_bench.job_name(j) for j in gpu_bench.jobs_for("static", ns)]
+    assert names == ["ours, off", "ours, trained blocks", "ours, all above", "minimal loop, no checkpointing",
+                     "minimal loop, trained blocks checkpointed"]
+    ns.sdxl_jobs = {"table", "host"}
+    jobs = gpu_bench.jobs_for("static", ns)
+    assert [j["res"] for j in jobs if j.get("table")] == [512] * 3 + [768] * 3
+    assert [gpu_bench.job_group(j) for j in jobs] == ["host"] * 2 + ["table"] * 6
+    assert [gpu_bench.job_group(j) for j in gpu_bench.jobs_for("dynamic", ns)] == ["host"] * 2
