@@ -38,10 +38,12 @@ for f in "$TMPDIR"/blora-gpu-check-*/*.json "$TMPDIR"/blora-gpu-check-*/*.log; d
   [ -f "$f" ] && { echo "=== $f"; cat "$f"; }
 done > "$OUT/gpu_check_workers.txt"
 
-# Train B-LoRA's GPU benchmark (issue 16): its own table, bench/RESULTS-gpu-train.txt.
+# Train B-LoRA's GPU benchmark (issues 16, 17): its own table, bench/RESULTS-gpu-train.txt: two SDXL processes
+# (GPU_BENCH_MODE_S each) and the FLUX one (GPU_BENCH_FLUX_S); the outer cap leaves room for all three (the script
+# writes the table after each process, so a cut keeps what finished).
 t0=$SECONDS
-timeout "${GPU_BENCH_S:-480}" "$PYTHON" bench/gpu_bench.py --timeout "${GPU_BENCH_MODE_S:-230}" \
-  --out "$OUT/RESULTS-gpu-train.txt" > "$OUT/gpu_bench.log" 2>&1
+timeout "${GPU_BENCH_S:-560}" "$PYTHON" bench/gpu_bench.py --timeout "${GPU_BENCH_MODE_S:-190}" \
+  --flux-timeout "${GPU_BENCH_FLUX_S:-150}" --out "$OUT/RESULTS-gpu-train.txt" > "$OUT/gpu_bench.log" 2>&1
 echo "gpu_bench exit $? after $((SECONDS - t0)) s" >> "$OUT/gpu_bench.log"
 cat "$OUT/gpu_bench.log"
 
