@@ -399,27 +399,33 @@ def flux_worker(ns, results: Path) -> int:
     """The FLUX section's jobs in turn (``jobs_for("flux")``), each appended to ``results`` as it ends."""
     import comfy.model_management as mm
 
+    import gc
+
+    import torch
+
     device = mm.get_torch_device()
     factory, vae, dtype = build_flux(ns, device)
     patcher, previous = None, None
     for job in jobs_for("flux", ns):
         started = time.perf_counter()
         try:
-            if patcher is None or job["kind"] == "minimal" or previous == "minimal":
+            if patcher is None or job["kind"] == "minimal" or previous in ("minimal", "failed"):
                 patcher = None
                 _reset_memory(device)
+                gc.collect()  # the last model gone before the next is made
                 patcher = factory()
             rss0 = _reset_memory(device)
+            resident = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
             if job["kind"] == "ours":
                 out = run_ours(job, ns, patcher, vae, None, dtype, device, flux_inputs(ns, job["res"]),
                                warmup=ns.flux_warmup)
             else:
                 out = run_minimal_flux(job, ns, patcher, vae, dtype, device)
-            out["peak_gib"] = _peak_gib(device, rss0)
+            out.update(peak_gib=_peak_gib(device, rss0), resident_gib=resident)
         except Exception as e:  # noqa: BLE001 - reported in the table, the other jobs still run
             out = {"error": f"{type(e).__name__}: {e}"[:300]}
             traceback.print_exc()
-        previous = job["kind"]
+        previous = "failed" if "error" in out else job["kind"]
         out.update(job=job, seconds=time.perf_counter() - started)
         with results.open("a") as f:
             f.write(json.dumps(out) + "\n")
@@ -531,7 +537,9 @@ def flux_table(ns, run: tuple) -> list[str]:
              f"[flux: static loader, dynamic VRAM {'on' if info.get('dynamic_enabled') else 'off'}"
              + (f"; {note}" if note else "") + "]"]
     for r in rows:
-        lines.append(f"  {job_name(r['job']):58s} {_fmt(r, unit)}")
+        resident = r.get("resident_gib")
+        lines.append(f"  {job_name(r['job']):58s} {_fmt(r, unit)}"
+                     + (f"  [{resident:.1f} GiB resident before the job]" if resident is not None else ""))
     by = {(r["job"]["kind"], r["job"]["gc"]): r for r in rows if "error" not in r and r.get("s_per_step")}
     # SDXL's goals (issue 16); FLUX's default recomputes the trained single blocks, most of the forward, so the
     # like-for-like figure of the default is the third (bench/RESULTS-flux_train.txt)
