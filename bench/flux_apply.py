@@ -23,12 +23,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchkit import ROOT, clock, fill_random_, progress, run_stamp, setup_host
+from benchkit import FLUX_DEV, ROOT, clock, fill_random_, progress, run_stamp, setup_host
 
 RESULTS = ROOT / "bench" / "RESULTS-flux_apply.txt"
-FULL = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
-        "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1, "depth_single_blocks": 2,
-        "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+FULL = dict(FLUX_DEV, depth=1, depth_single_blocks=2)  # FLUX.1 dev's widths, 1 double + 2 single blocks
 
 
 def full_flux_model(dtype):

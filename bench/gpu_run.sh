@@ -10,7 +10,7 @@
 # backends (the CUDA one alone is 176 MB; the host then uses comfy-kitchen's triton/eager kernels, for rope on
 # FLUX), torchsde, trampoline, kornia 0.9.0 and kornia_rs 0.2.0 (the image's Python 3.12 lacks them).
 # Environment: PYTHON (default python3), TOTAL_S (default 560: the whole run's seconds, set-up included),
-# GPU_BENCH_ARGS (extra gpu_bench.py arguments), GPU_CHECK=1 to run gpu_check.py --full in the time left,
+# GPU_BENCH_ARGS (gpu_bench.py arguments; default --timeout 170 --flux-timeout 150), GPU_CHECK=1 to run gpu_check.py --full in the time left,
 # SITE=none to use the installed packages, DRY=1 for a CPU dry run of the whole script (toy sizes, no CUDA needed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,7 +57,7 @@ cat "$OUT/imports.txt"
 # Train B-LoRA's GPU benchmark (issues 16 and 17): its own table, bench/RESULTS-gpu-train.txt.
 t0=$SECONDS
 dry=(); [ "${DRY:-0}" = 1 ] && dry=(--device cpu --toy)
-timeout "$(( $(left) - 20 ))" "$PYTHON" bench/gpu_bench.py "${dry[@]}" ${GPU_BENCH_ARGS:-} \
+timeout "$(( $(left) - 20 ))" "$PYTHON" bench/gpu_bench.py "${dry[@]}" ${GPU_BENCH_ARGS:---timeout 170 --flux-timeout 150} \
   --out "$OUT/RESULTS-gpu-train.txt" > "$OUT/gpu_bench.log" 2>&1
 echo "gpu_bench exit $? after $((SECONDS - t0)) s" >> "$OUT/gpu_bench.log"
 cat "$OUT/gpu_bench.log"

@@ -37,12 +37,18 @@ def flux_vae(comfy_host):
     return tiny_vae(0, latent_channels=LATENT_CHANNELS)
 
 
-def validation(settings=PREVIEW, guidance=3.5):
+def conditioning(seed: int, guidance: float | None):
+    """The tiny FLUX conditioning with FluxGuidance's value, or none (what a plain CLIPTextEncode gives)."""
+    [[context, extras]] = tiny_flux_conditioning(seed, guidance=3.5 if guidance is None else guidance)
+    return [[context, {k: v for k, v in extras.items() if k != "guidance" or guidance is not None}]]
+
+
+def validation(settings=PREVIEW, guidance: float | None = 3.5):
     from blora.host.train_previews import Validation
 
-    return Validation(settings, {view: tiny_flux_conditioning(seed, guidance=guidance)
+    return Validation(settings, {view: conditioning(seed, guidance)
                                  for view, seed in (("content", 11), ("style", 12), ("both", 13))},
-                      tiny_flux_conditioning(14, guidance=guidance))
+                      conditioning(14, guidance))
 
 
 def train(node, model, vae, node_id="7", **settings):
@@ -129,14 +135,21 @@ def test_flux_views_switch_exactly_splitflux_content_or_style_blocks(node, flux_
 
 def test_flux_previews_sample_with_the_conditionings_guidance(node, flux_model, flux_vae, host_dirs):
     """FLUX dev's guidance (FluxGuidance's value in the conditioning) reaches the model while previews sample: the
-    rows differ between guidance 1 and 8 (the training conditioning and weights being the same)."""
+    rows differ between guidance 1 and 8 (the training conditioning and weights being the same); prompts without
+    one (as the node's CLIPTextEncode gives them) sample at the host's default, 3.5."""
     settings = ValidationSettings(every=0, steps=2, cfg=1.0, width=64, height=64, seed=3, scheduler="simple")
-    (_m, _b, _l, low), _ = train(node, flux_model, flux_vae, validation=validation(settings, guidance=1.0))
-    (_m, _b, _l, high), _ = train(node, flux_model, flux_vae, validation=validation(settings, guidance=8.0))
-    assert (low - high).abs().max() > 1e-3
+    grids = {}
+    for guidance in (1.0, 8.0, None, 3.5):
+        (_m, _b, _l, grids[guidance]), _ = train(node, flux_model, flux_vae,
+                                                 validation=validation(settings, guidance=guidance))
+    assert (grids[1.0] - grids[8.0]).abs().max() > 1e-3
+    assert torch.equal(grids[None], grids[3.5])
     files = sorted(loras(host_dirs).glob("*.safetensors"))
-    a, b = read_adapter(files[0]), read_adapter(files[1])
-    assert all(torch.equal(t, b.modules[p].tensors[n]) for p, m in a.modules.items() for n, t in m.tensors.items())
+    assert len(files) == 4
+    a = read_adapter(files[0])
+    for other in map(read_adapter, files[1:]):
+        assert all(torch.equal(t, other.modules[p].tensors[n]) for p, m in a.modules.items()
+                   for n, t in m.tensors.items())
 
 
 @pytest.mark.parametrize("seeds", [1, 2])
