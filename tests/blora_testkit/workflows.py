@@ -56,6 +56,19 @@ def stock_graph(ckpt_name: str, *, seed: int = 0, steps: int = 3, size: int = 64
     return g
 
 
+def stock_flux_graph(ckpt_name: str, *, seed: int = 0, steps: int = 3, size: int = 64, guidance: float = 3.5,
+                     positive: str = "a photo of a cat", loras: tuple = (), prefix: str = "testkit_flux") -> dict:
+    """FLUX.1 dev txt2img as ComfyUI's own FLUX examples wire it: CheckpointLoaderSimple -> [LoraLoaderModelOnly ...]
+    -> KSampler (cfg 1, euler, simple; node "5") on CLIPTextEncode -> FluxGuidance and an empty negative, on
+    EmptySD3LatentImage -> VAEDecode -> SaveImage (node "7"), and SaveLatent (node "8", under latents/)."""
+    g = stock_graph(ckpt_name, seed=seed, steps=steps, size=size, cfg=1.0, positive=positive, negative="",
+                    loras=loras, prefix=prefix)
+    g["9"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": guidance}}
+    g["4"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}}
+    g["5"]["inputs"].update(positive=["9", 0], scheduler="simple")
+    return g
+
+
 def api_example_names() -> list[str]:
     """Names (without .json) of the shipped API-format examples."""
     return sorted(p.stem for p in API_EXAMPLES.glob("*.json"))
