@@ -1,6 +1,7 @@
 """The pack in the real front end (ComfyUI's frontend package in Debian's chromium): the extensions load without
-console errors, every example workflow opens with all node types and valid widget values, the training example
-runs on the tiny checkpoint while the loss chart follows the server's progress events, and the chart survives a
+console errors, every example workflow opens with all node types and valid widget values, the FLUX.1 example
+queues from the page as its API twin and finishes on the tiny FLUX checkpoint, the training example runs on the
+tiny checkpoint while the loss chart follows the server's progress events, and the chart survives a
 page reload. Screenshots go to tests/artifacts/; the README's to docs/ with BLORA_UPDATE_DOCS=1."""
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import math
 
 import pytest
 
-from ui_kit import (ARTIFACTS, DOCS, EXAMPLES, OUR_EXTENSIONS, PACK_WEB, PREVIEWS_SMALL, TINY_BLORA, example_workflows,
-                    fit_view, focus_mode, graph_clip, load_workflow, open_ui, read_workflow, screenshot, set_widgets,
-                    unexplained)
+from blora_testkit.workflows import load_api_example, read_image
+from ui_kit import (ARTIFACTS, DOCS, EXAMPLES, OUR_EXTENSIONS, PACK_WEB, PREVIEWS_SMALL, TINY_BLORA, TINY_FLUX_BLORA,
+                    example_workflows, fit_view, focus_mode, graph_clip, load_workflow, open_ui, read_workflow,
+                    screenshot, set_widgets, unexplained)
 
 TRAIN_EXAMPLE = "train_then_apply"  # preferred; else the first example with a Train B-LoRA node
 APPLY_EXAMPLE = "style_transfer"  # preferred; else the first example with Load B-LoRA and no training
+FLUX_EXAMPLE = "flux_style_transfer"
 TRAIN_STEPS = 40
 # The training example made cheap for the tiny checkpoint, by widget name (node type prefix where it matters);
 # learning rate and rank high enough that the loss visibly falls within the run (README's screenshot shows it).
@@ -245,6 +248,37 @@ def test_block_map_after_apply_run(ui_page, ui_server, baseline):
     # output again (they declare has_intermediate_output): either way each loader shows its map once.
     loader_ids = page.evaluate("app.graph.nodes.filter((n) => n.comfyClass === 'BLoRALoader').map((n) => String(n.id))")
     assert all(e["node"] in loader_ids for e in page.evaluate("window.__executed") if "blora" in e["keys"])
+    errors = unexplained(log.since(mark), baseline)
+    assert not errors, _describe(errors)
+
+
+def test_flux_example_queues_from_the_page_as_its_api_twin_and_finishes(ui_page, ui_server, baseline):
+    """flux_style_transfer opened in the front end, pointed at the tiny FLUX.1 checkpoint and a tiny FLUX B-LoRA,
+    queues from the page: the prompt the page posts is the API twin (example_workflows/api/) with the same
+    substitutions, the run succeeds and saves a 64 px image."""
+    path = EXAMPLES / f"{FLUX_EXAMPLE}.json"
+    page, log = ui_page
+    result = load_workflow(page, read_workflow(path))
+    assert not (result["missing"] or result["invalid"] or result["alerts"]), result
+    small = {"EmptySD3LatentImage.width": 64, "EmptySD3LatentImage.height": 64, "KSampler.steps": 3}
+    changed = set_widgets(page, {"ckpt_name": ui_server.flux_ckpt_name, "BLoRALoader.lora_name": TINY_FLUX_BLORA,
+                                 **small})
+    assert len(changed) == 6, changed
+    mark = log.mark()
+    page.evaluate("app.queuePrompt(0)")
+    run = _wait_queue_empty(ui_server)
+    assert run["status"]["status_str"] == "success", run["status"]
+    posted = run["prompt"][2]
+    twin = load_api_example(FLUX_EXAMPLE, ui_server.ckpt_name, ui_server.flux_ckpt_name, lora_name=TINY_FLUX_BLORA)
+    assert {k: (n["class_type"], n["inputs"]) for k, n in posted.items()} == \
+        {k: (n["class_type"], n["inputs"]) for k, n in twin.items()}
+    apply = next(n["inputs"] for n in posted.values() if n["class_type"] == "BLoRAApply")
+    assert (apply["content_strength"], apply["style_strength"]) == (1.0, 0.8)  # separate strengths
+    save_id = next(k for k, n in posted.items() if n["class_type"] == "SaveImage")
+    images = run["outputs"][save_id]["images"]
+    assert len(images) == 1
+    image = read_image(ui_server.output_dir / images[0]["subfolder"] / images[0]["filename"])
+    assert image.shape == (64, 64, 3) and image.std() > 5.0
     errors = unexplained(log.since(mark), baseline)
     assert not errors, _describe(errors)
 
