@@ -279,6 +279,15 @@ def test_flux_example_queues_from_the_page_as_its_api_twin_and_finishes(ui_page,
     assert len(images) == 1
     image = read_image(ui_server.output_dir / images[0]["subfolder"] / images[0]["filename"])
     assert image.shape == (64, 64, 3) and image.std() > 5.0
+    # each loader's block map shows FLUX's blocks, the file's content block and style block filled
+    page.wait_for_function("() => app.graph.nodes.filter((n) => n.comfyClass === 'BLoRALoader')"
+                           ".every((n) => n.bloraBlockMap)", timeout=10_000)
+    maps = page.evaluate("""() => app.graph.nodes.filter((n) => n.comfyClass === "BLoRALoader").map((n) => ({
+      present: n.bloraBlockMap.present, cells: n.bloraBlockMapView.cells.size,
+      filled: [...n.bloraBlockMapView.cells].filter(([, c]) => c.style.fontWeight === "bold").map(([s]) => s) }))""")
+    assert maps == [{"present": ["S02", "S11"], "cells": 57, "filled": ["S02", "S11"]}] * 2, maps
+    fit_view(page)
+    screenshot(page, ARTIFACTS / f"apply_run_{FLUX_EXAMPLE}.png")
     errors = unexplained(log.since(mark), baseline)
     assert not errors, _describe(errors)
 
@@ -305,6 +314,10 @@ def test_chart_and_map_helpers_in_page(ui_page):
         durations: [5, 65, 3723, -1].map(chart.formatDuration),
         running, restarted, stopped, finished: [c.running, c.stopped, c.summary()],
         slots: map.presentSlots(["OUT0", "output_blocks.1.1", "input_blocks.8.1", "bogus"]),
+        flux: [map.slotsFor({ architecture: "FLUX.1" }).length, map.slotsFor({ architecture: "SDXL" }).length,
+               map.slotsFor({}).length,
+               map.presentSlots(["S02", "single_blocks.11", "double_blocks.0", "content", "OUT0"],
+                                map.slotsFor({ architecture: "FLUX.1" }))],
         ranks: [map.rankText([64, 4, 64]), map.rankText({ a: 8 }), map.rankText(16)],
         line: map.summaryText({ ranks: [64], alpha: [64], dialect: "kohya_ldm", kinds: ["lora"], dora: true,
                                 num_params: 28_200_000 }),
@@ -322,6 +335,7 @@ def test_chart_and_map_helpers_in_page(ui_page):
     assert got["stopped"] == [False, "step 1/5 · 1.00 it/s · stopped · loss 0.300 · ema 0.300"]
     assert got["finished"] == [False, False, "step 2/2 · 2.00 it/s · took 0:01 · loss 0.200 · ema 0.247"]
     assert got["slots"] == ["IN08", "OUT0", "OUT1"]
+    assert got["flux"] == [57, 11, 11, ["D00", "S02", "S11"]]  # a role name is many FLUX blocks: not one cell
     assert got["ranks"] == ["4/64", "8", "16"]
     assert got["line"] == "rank 64 · alpha 64 · kohya_ldm · DoRA · 28.2M params"
 
