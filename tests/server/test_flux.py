@@ -56,6 +56,27 @@ def test_the_tiny_flux_checkpoint_loads_through_the_stock_checkpoint_loader(serv
                for k in keys) == 12
 
 
+def test_the_served_checkpoint_is_the_seeded_build_and_holds_the_host_tests_tiny_flux(server, comfy_host, tmp_path):
+    """Rebuilt in-process with the same seed: the same tensors as the cached subprocess build the server got; its
+    diffusion model is tiny_flux_model(0), the model the host-layer FLUX tests use."""
+    from safetensors import safe_open
+
+    from blora_testkit.tiny_checkpoint import write_tiny_checkpoint
+    from blora_testkit.tiny_flux import tiny_flux_model
+
+    served = server.models_dir / "checkpoints" / server.flux_ckpt_name
+    rebuilt = write_tiny_checkpoint(tmp_path / "again.safetensors", seed=0, kind="flux")
+    model = {k: v for k, v in tiny_flux_model(0).model.diffusion_model.state_dict().items()}
+    with safe_open(str(rebuilt), framework="pt") as a, safe_open(str(served), framework="pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in b.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+        unet = {k[len("model.diffusion_model."):]: b.get_tensor(k) for k in b.keys()
+                if k.startswith("model.diffusion_model.")}
+    assert unet.keys() == model.keys()
+    assert all(torch.equal(unet[k], model[k]) for k in model)
+
+
 def test_prompt_guidance_and_seed_condition_the_tiny_flux(server, reference):
     base, _ = reference
     prompt, _ = _outputs(server, stock_flux_graph(server.flux_ckpt_name, positive="an oil painting of a dog",
