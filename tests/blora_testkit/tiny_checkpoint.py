@@ -23,7 +23,8 @@ from pathlib import Path
 TESTKIT = Path(__file__).resolve().parent
 SOURCES = ("tiny_checkpoint.py", "tiny_sdxl.py", "tiny_host_node/tiny_models.py")
 FORMAT = "blora-testkit tiny-sdxl 1"
-FLUX_SOURCES = (*SOURCES, "tiny_flux_checkpoint.py", "tiny_flux.py", "tiny_vae.py", "tiny_host_node/tiny_flux_models.py")
+FLUX_SOURCES = (*SOURCES, "tiny_flux_checkpoint.py", "tiny_flux.py", "tiny_vae.py",
+                "tiny_host_node/tiny_flux_models.py")
 KINDS = {"sdxl": ("tiny_sdxl", SOURCES, FORMAT), "flux": ("tiny_flux", FLUX_SOURCES, "blora-testkit tiny-flux 1")}
 BUILD_TIMEOUT_S = 120
 
