@@ -13,18 +13,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 ROLE_BLOCKS = {"content": "output_blocks.0.1", "style": "output_blocks.1.1", "layout": "input_blocks.8.1"}
+# FLUX.1 (SplitFlux's split, tiny FLUX: 12 single blocks): a content block, a style block; no layout role
+FLUX_ROLE_BLOCKS = {"content": "single_blocks.2", "style": "single_blocks.11"}
 _TARGET = re.compile(r"^model\.diffusion_model\.((?:input|output)_blocks\.\d+\.1|middle_block\.1)"
                      r"\.transformer_blocks\.\d+\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0)\.weight$")
+_FLUX_TARGET = re.compile(r"^model\.diffusion_model\.(single_blocks\.\d+\.linear[12]"
+                          r"|double_blocks\.\d+\.(?:img|txt)_attn\.(?:qkv|proj))\.weight$")
 
 
 def attention_shapes(checkpoint: Path | str) -> dict[str, tuple[int, int]]:
-    """(out, in) of every B-LoRA target Linear (attn1/attn2 to_q/k/v/out.0) in the checkpoint's UNet."""
+    """(out, in) of every B-LoRA target Linear in the checkpoint's diffusion model: SDXL's attn1/attn2
+    to_q/k/v/out.0, or FLUX.1's single-block linear1/linear2 and double-block attention qkv/proj."""
     with safe_open(str(checkpoint), framework="pt") as f:
         return {k[len("model.diffusion_model."):-len(".weight")]: tuple(f.get_slice(k).get_shape())
-                for k in f.keys() if _TARGET.match(k)}
+                for k in f.keys() if _TARGET.match(k) or _FLUX_TARGET.match(k)}
 
 
 def block_of(path: str) -> str:
+    if path.startswith(("single_blocks.", "double_blocks.")):
+        return ".".join(path.split(".")[:2])
     return path.split(".transformer_blocks.")[0]
 
 
@@ -61,6 +68,17 @@ def write_kohya(path: Path | str, pairs: dict, metadata: dict | None = None) -> 
         sd[f"{key}.lora_down.weight"] = down.contiguous()
         sd[f"{key}.lora_up.weight"] = up.contiguous()
         sd[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
+    save_file(sd, str(path), metadata=metadata)
+    return Path(path)
+
+
+def write_comfy(path: Path | str, pairs: dict, metadata: dict | None = None) -> Path:
+    """ComfyUI's own dialect (``diffusion_model.single_blocks.0.linear1.lora_down.weight``), alpha = rank."""
+    sd = {}
+    for p, (down, up) in pairs.items():
+        sd[f"diffusion_model.{p}.lora_down.weight"] = down.contiguous()
+        sd[f"diffusion_model.{p}.lora_up.weight"] = up.contiguous()
+        sd[f"diffusion_model.{p}.alpha"] = torch.tensor(float(down.shape[0]))
     save_file(sd, str(path), metadata=metadata)
     return Path(path)
 

@@ -5,7 +5,8 @@
         messages = srv.wait(prompt_id, timeout=60)  # websocket messages of that prompt, until it finished
         srv.history(prompt_id)["outputs"]
 
-The base directory holds models/{checkpoints,loras,blora} (the tiny checkpoint as ``srv.ckpt_name``),
+The base directory holds models/{checkpoints,loras,blora} (the tiny SDXL checkpoint as ``srv.ckpt_name``, the tiny
+FLUX.1 single-file checkpoint as ``srv.flux_ckpt_name``),
 custom_nodes/comfyui-blora (a symlink to this repository) and custom_nodes/blora_tiny_host (the TEST-ONLY node
 that teaches the host the tiny checkpoint), input/, output/ and server.log. Only loopback traffic; every wait
 is bounded. Failures carry the tail of the server log.
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_HOST_NODE = Path(__file__).resolve().parent / "tiny_host_node"
 PACK_DIR_NAME = "comfyui-blora"
 CKPT_NAME = "tiny_sdxl.safetensors"
+FLUX_CKPT_NAME = "tiny_flux.safetensors"
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -118,6 +120,10 @@ class ComfyServer:
     def ckpt_name(self) -> str:
         return CKPT_NAME
 
+    @property
+    def flux_ckpt_name(self) -> str:
+        return FLUX_CKPT_NAME
+
     # -- lifecycle -----------------------------------------------------------------------------------------
     def __enter__(self) -> "ComfyServer":
         return self.start()
@@ -128,10 +134,11 @@ class ComfyServer:
     def _prepare_base_dir(self) -> None:
         for sub in ("models/checkpoints", "models/loras", "models/blora", "custom_nodes", "input", "output"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
-        ckpt = self.checkpoint or cached_tiny_checkpoint(self.host)
-        target = self.models_dir / "checkpoints" / CKPT_NAME
-        if not target.exists():  # a copy, so nothing a test does can touch the shared cache
-            shutil.copyfile(ckpt, target)
+        for name, build in ((CKPT_NAME, lambda: self.checkpoint or cached_tiny_checkpoint(self.host)),
+                            (FLUX_CKPT_NAME, lambda: cached_tiny_checkpoint(self.host, kind="flux"))):
+            target = self.models_dir / "checkpoints" / name
+            if not target.exists():  # a copy, so nothing a test does can touch the shared cache
+                shutil.copyfile(build(), target)
         for name, src in ((PACK_DIR_NAME, ROOT), ("blora_tiny_host", TINY_HOST_NODE)):
             link = self.base_dir / "custom_nodes" / name
             if not link.exists():

@@ -8,6 +8,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 API_EXAMPLES = ROOT / "example_workflows" / "api"
 SMALL = {"size": 64, "steps": 3}
+FLUX_CHECKPOINT_PREFIX = "flux1-"  # flux1-dev-fp8.safetensors, flux1-schnell-fp8.safetensors (Comfy-Org single files)
+
+
+def is_flux_checkpoint(ckpt_name: str) -> bool:
+    return ckpt_name.startswith(FLUX_CHECKPOINT_PREFIX)
+
+
+def example_architecture(graph: dict) -> str:
+    """"flux" when the graph loads a FLUX.1 checkpoint, else "sdxl"."""
+    names = [n["inputs"].get("ckpt_name") for n in graph.values() if n.get("class_type") == "CheckpointLoaderSimple"]
+    return "flux" if any(isinstance(c, str) and is_flux_checkpoint(c) for c in names) else "sdxl"
 
 
 def message_types(messages: list[dict]) -> list[str]:
@@ -45,6 +56,19 @@ def stock_graph(ckpt_name: str, *, seed: int = 0, steps: int = 3, size: int = 64
     return g
 
 
+def stock_flux_graph(ckpt_name: str, *, seed: int = 0, steps: int = 3, size: int = 64, guidance: float = 3.5,
+                     positive: str = "a photo of a cat", loras: tuple = (), prefix: str = "testkit_flux") -> dict:
+    """FLUX.1 dev txt2img as ComfyUI's own FLUX examples wire it: CheckpointLoaderSimple -> [LoraLoaderModelOnly ...]
+    -> KSampler (cfg 1, euler, simple; node "5") on CLIPTextEncode -> FluxGuidance and an empty negative, on
+    EmptySD3LatentImage -> VAEDecode -> SaveImage (node "7"), and SaveLatent (node "8", under latents/)."""
+    g = stock_graph(ckpt_name, seed=seed, steps=steps, size=size, cfg=1.0, positive=positive, negative="",
+                    loras=loras, prefix=prefix)
+    g["9"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": guidance}}
+    g["4"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}}
+    g["5"]["inputs"].update(positive=["9", 0], scheduler="simple")
+    return g
+
+
 def api_example_names() -> list[str]:
     """Names (without .json) of the shipped API-format examples."""
     return sorted(p.stem for p in API_EXAMPLES.glob("*.json"))
@@ -54,10 +78,15 @@ def _is_link(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
 
 
-def _shrink(node: dict, ckpt_name: str) -> None:
+def _shrink(node: dict, ckpt_name: str, flux_ckpt_name: str | None) -> None:
     kind, inputs = node.get("class_type"), node.get("inputs", {})
     if kind == "CheckpointLoaderSimple":
-        inputs["ckpt_name"] = ckpt_name
+        if is_flux_checkpoint(inputs["ckpt_name"]):
+            if flux_ckpt_name is None:
+                raise ValueError(f"{inputs['ckpt_name']}: a FLUX.1 example needs flux_ckpt_name")
+            inputs["ckpt_name"] = flux_ckpt_name
+        else:
+            inputs["ckpt_name"] = ckpt_name
     elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
         inputs.update(width=SMALL["size"], height=SMALL["size"], batch_size=1)
     if kind in ("KSampler", "KSamplerAdvanced") and isinstance(inputs.get("steps"), int):
@@ -78,9 +107,10 @@ def _override(graph: dict, key: str, value) -> None:
             inputs[name] = value
 
 
-def load_api_example(name: str, ckpt_name: str, **overrides) -> dict:
+def load_api_example(name: str, ckpt_name: str, flux_ckpt_name: str | None = None, **overrides) -> dict:
     """example_workflows/api/<name>.json, made cheap for the tiny checkpoint: CheckpointLoaderSimple loads
-    ``ckpt_name``, EmptyLatentImage is 64x64 batch 1, KSampler steps at most 3. Then ``overrides``: ``input=value``
+    ``ckpt_name`` (``flux_ckpt_name`` where the example loads a FLUX.1 checkpoint, flux1-*), EmptyLatentImage
+    and EmptySD3LatentImage are 64x64 batch 1, KSampler steps at most 3. Then ``overrides``: ``input=value``
     sets that literal input on every node that has it (e.g. ``lora_name="a.safetensors"``); a dict value maps
     old values to new (``lora_name={"content.safetensors": "a.safetensors"}``); ``**{"12.strength": 0.5}`` sets
     one node's input."""
@@ -89,7 +119,7 @@ def load_api_example(name: str, ckpt_name: str, **overrides) -> dict:
     if isinstance(graph.get("prompt"), dict):  # {"prompt": {...}} as posted to /prompt
         graph = graph["prompt"]
     for node in graph.values():
-        _shrink(node, ckpt_name)
+        _shrink(node, ckpt_name, flux_ckpt_name)
     for key, value in overrides.items():
         _override(graph, key, value)
     return graph

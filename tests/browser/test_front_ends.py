@@ -2,15 +2,16 @@
 test_ui.py covers its classic canvas in depth), the newest the registry serves (1.58.1, served with
 ``--front-end-root``), each in the classic canvas and in "Nodes 2.0" (Vue nodes, ``Comfy.VueNodes.Enabled``) where
 the front end has it. One compact run per combination: the loss chart follows a training run, the block maps are
-drawn after an Apply run, again when every node is cached, and both come back after a page reload; the panels are
+drawn after an Apply run, again when every node is cached, and for the FLUX.1 example (FLUX's blocks), and both
+come back after a page reload; the panels are
 in the page and visible; nothing our JavaScript does raises an error."""
 from __future__ import annotations
 
 import importlib.metadata
 
 import pytest
-from ui_kit import (NEWEST_FRONTEND, PREVIEWS_SMALL, TINY_BLORA, example_workflows, frontend_root, load_workflow,
-                    new_page, open_ui, prepare_ui_server, read_workflow, set_widgets)
+from ui_kit import (EXAMPLES, NEWEST_FRONTEND, PREVIEWS_SMALL, TINY_BLORA, TINY_FLUX_BLORA, example_workflows,
+                    frontend_root, load_workflow, new_page, open_ui, prepare_ui_server, read_workflow, set_widgets)
 
 TRAIN_STEPS = 4
 TRAIN = {"BLoRATrain.steps": TRAIN_STEPS, "BLoRATrain.resolution": 64, "BLoRATrain.rank": 4, "BLoRATrain.alpha": 4.0,
@@ -141,11 +142,24 @@ def test_chart_block_map_and_cached_replay(servers, browser, front_end, mode):
             maps = _panels(page, "BLoRALoader")
             assert maps and all(m["present"] == ["OUT0", "OUT1"] for m in maps) and _visible(maps), (attempt, maps)
 
-        # Reload: the graph comes back and our extension restores the maps from /history.
+        # FLUX.1: the FLUX example on the tiny FLUX checkpoint; its loaders' maps show FLUX's blocks.
+        load_workflow(page, read_workflow(EXAMPLES / "flux_style_transfer.json"))
+        set_widgets(page, {"ckpt_name": server.flux_ckpt_name, "BLoRALoader.lora_name": TINY_FLUX_BLORA,
+                           "EmptySD3LatentImage.width": 64, "EmptySD3LatentImage.height": 64, "KSampler.steps": 2})
+        run = _queue_and_wait(page, server)
+        assert run["status"]["status_str"] == "success", (run["status"], server.log_context(40))
+        page.wait_for_function("() => app.graph.nodes.filter((n) => n.comfyClass === 'BLoRALoader')"
+                               ".every((n) => n.bloraBlockMap?.present.length === 2)", timeout=15_000)
+        page.wait_for_timeout(300)
+        maps = _panels(page, "BLoRALoader")
+        assert maps and all(m["present"] == ["S02", "S11"] for m in maps) and _visible(maps), maps
+
+        # Reload: the (FLUX) graph comes back and our extension restores the maps from /history.
         open_ui(page, server.url)
         page.wait_for_function("() => app.graph.nodes.filter((n) => n.comfyClass === 'BLoRALoader').length > 0 && "
                                "app.graph.nodes.filter((n) => n.comfyClass === 'BLoRALoader')"
                                ".every((n) => n.bloraBlockMap?.present.length === 2)", timeout=30_000)
+        assert all(m["present"] == ["S02", "S11"] for m in _panels(page, "BLoRALoader"))
         ours = [e for e in log.entries if e.ours]
         assert not ours, "\n".join(f"{e.kind}: {e.text} @ {e.url}\n{e.stack}" for e in ours)
     finally:

@@ -1,6 +1,7 @@
 """The pack in the real front end (ComfyUI's frontend package in Debian's chromium): the extensions load without
-console errors, every example workflow opens with all node types and valid widget values, the training example
-runs on the tiny checkpoint while the loss chart follows the server's progress events, and the chart survives a
+console errors, every example workflow opens with all node types and valid widget values, the FLUX.1 example
+queues from the page as its API twin and finishes on the tiny FLUX checkpoint, the training example runs on the
+tiny checkpoint while the loss chart follows the server's progress events, and the chart survives a
 page reload. Screenshots go to tests/artifacts/; the README's to docs/ with BLORA_UPDATE_DOCS=1."""
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import math
 
 import pytest
 
-from ui_kit import (ARTIFACTS, DOCS, EXAMPLES, OUR_EXTENSIONS, PACK_WEB, PREVIEWS_SMALL, TINY_BLORA, example_workflows,
-                    fit_view, focus_mode, graph_clip, load_workflow, open_ui, read_workflow, screenshot, set_widgets,
-                    unexplained)
+from blora_testkit.workflows import load_api_example, read_image
+from ui_kit import (ARTIFACTS, DOCS, EXAMPLES, OUR_EXTENSIONS, PACK_WEB, PREVIEWS_SMALL, TINY_BLORA, TINY_FLUX_BLORA,
+                    example_workflows, fit_view, focus_mode, graph_clip, load_workflow, open_ui, read_workflow,
+                    screenshot, set_widgets, unexplained)
 
 TRAIN_EXAMPLE = "train_then_apply"  # preferred; else the first example with a Train B-LoRA node
 APPLY_EXAMPLE = "style_transfer"  # preferred; else the first example with Load B-LoRA and no training
+FLUX_EXAMPLE = "flux_style_transfer"
 TRAIN_STEPS = 40
 # The training example made cheap for the tiny checkpoint, by widget name (node type prefix where it matters);
 # learning rate and rank high enough that the loss visibly falls within the run (README's screenshot shows it).
@@ -249,6 +252,46 @@ def test_block_map_after_apply_run(ui_page, ui_server, baseline):
     assert not errors, _describe(errors)
 
 
+def test_flux_example_queues_from_the_page_as_its_api_twin_and_finishes(ui_page, ui_server, baseline):
+    """flux_style_transfer opened in the front end, pointed at the tiny FLUX.1 checkpoint and a tiny FLUX B-LoRA,
+    queues from the page: the prompt the page posts is the API twin (example_workflows/api/) with the same
+    substitutions, the run succeeds and saves a 64 px image."""
+    path = EXAMPLES / f"{FLUX_EXAMPLE}.json"
+    page, log = ui_page
+    result = load_workflow(page, read_workflow(path))
+    assert not (result["missing"] or result["invalid"] or result["alerts"]), result
+    small = {"EmptySD3LatentImage.width": 64, "EmptySD3LatentImage.height": 64, "KSampler.steps": 3}
+    changed = set_widgets(page, {"ckpt_name": ui_server.flux_ckpt_name, "BLoRALoader.lora_name": TINY_FLUX_BLORA,
+                                 **small})
+    assert len(changed) == 6, changed
+    mark = log.mark()
+    page.evaluate("app.queuePrompt(0)")
+    run = _wait_queue_empty(ui_server)
+    assert run["status"]["status_str"] == "success", run["status"]
+    posted = run["prompt"][2]
+    twin = load_api_example(FLUX_EXAMPLE, ui_server.ckpt_name, ui_server.flux_ckpt_name, lora_name=TINY_FLUX_BLORA)
+    assert {k: (n["class_type"], n["inputs"]) for k, n in posted.items()} == \
+        {k: (n["class_type"], n["inputs"]) for k, n in twin.items()}
+    apply = next(n["inputs"] for n in posted.values() if n["class_type"] == "BLoRAApply")
+    assert (apply["content_strength"], apply["style_strength"]) == (1.0, 0.8)  # separate strengths
+    save_id = next(k for k, n in posted.items() if n["class_type"] == "SaveImage")
+    images = run["outputs"][save_id]["images"]
+    assert len(images) == 1
+    image = read_image(ui_server.output_dir / images[0]["subfolder"] / images[0]["filename"])
+    assert image.shape == (64, 64, 3) and image.std() > 5.0
+    # each loader's block map shows FLUX's blocks, the file's content block and style block filled
+    page.wait_for_function("() => app.graph.nodes.filter((n) => n.comfyClass === 'BLoRALoader')"
+                           ".every((n) => n.bloraBlockMap)", timeout=10_000)
+    maps = page.evaluate("""() => app.graph.nodes.filter((n) => n.comfyClass === "BLoRALoader").map((n) => ({
+      present: n.bloraBlockMap.present, cells: n.bloraBlockMapView.cells.size,
+      filled: [...n.bloraBlockMapView.cells].filter(([, c]) => c.style.fontWeight === "bold").map(([s]) => s) }))""")
+    assert maps == [{"present": ["S02", "S11"], "cells": 57, "filled": ["S02", "S11"]}] * 2, maps
+    fit_view(page)
+    screenshot(page, ARTIFACTS / f"apply_run_{FLUX_EXAMPLE}.png")
+    errors = unexplained(log.since(mark), baseline)
+    assert not errors, _describe(errors)
+
+
 def test_chart_and_map_helpers_in_page(ui_page):
     """The modules' pure helpers, imported in the page as the front end serves them, against Python references:
     the debiased EMA, durations, and how the block map reads a loader's UI output."""
@@ -271,6 +314,10 @@ def test_chart_and_map_helpers_in_page(ui_page):
         durations: [5, 65, 3723, -1].map(chart.formatDuration),
         running, restarted, stopped, finished: [c.running, c.stopped, c.summary()],
         slots: map.presentSlots(["OUT0", "output_blocks.1.1", "input_blocks.8.1", "bogus"]),
+        flux: [map.slotsFor({ architecture: "FLUX.1" }).length, map.slotsFor({ architecture: "SDXL" }).length,
+               map.slotsFor({}).length,
+               map.presentSlots(["S02", "single_blocks.11", "double_blocks.0", "content", "OUT0"],
+                                map.slotsFor({ architecture: "FLUX.1" }))],
         ranks: [map.rankText([64, 4, 64]), map.rankText({ a: 8 }), map.rankText(16)],
         line: map.summaryText({ ranks: [64], alpha: [64], dialect: "kohya_ldm", kinds: ["lora"], dora: true,
                                 num_params: 28_200_000 }),
@@ -288,6 +335,7 @@ def test_chart_and_map_helpers_in_page(ui_page):
     assert got["stopped"] == [False, "step 1/5 · 1.00 it/s · stopped · loss 0.300 · ema 0.300"]
     assert got["finished"] == [False, False, "step 2/2 · 2.00 it/s · took 0:01 · loss 0.200 · ema 0.247"]
     assert got["slots"] == ["IN08", "OUT0", "OUT1"]
+    assert got["flux"] == [57, 11, 11, ["D00", "S02", "S11"]]  # a role name is many FLUX blocks: not one cell
     assert got["ranks"] == ["4/64", "8", "16"]
     assert got["line"] == "rank 64 · alpha 64 · kohya_ldm · DoRA · 28.2M params"
 

@@ -21,6 +21,7 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 DOCS = ROOT / "docs" if os.environ.get("BLORA_UPDATE_DOCS") == "1" else ROOT / "tests" / "artifacts" / "docs"
 PACK_WEB = "/extensions/comfyui-blora/"
 TINY_BLORA = "tiny_blora.safetensors"  # written into the test server's models/blora by conftest
+TINY_FLUX_BLORA = "tiny_flux_blora.safetensors"  # the same for the tiny FLUX.1 checkpoint
 OUR_EXTENSIONS = ("blora.train_chart", "blora.block_map", "blora.restore_outputs")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -67,6 +68,16 @@ def write_tiny_blora(server) -> None:
     write_original(server.models_dir / "blora" / TINY_BLORA, pairs)
 
 
+def write_tiny_flux_blora(server) -> None:
+    """A rank-4 content + style B-LoRA for the tiny FLUX.1 checkpoint (a content and a style single block) in
+    ComfyUI's dialect, in models/blora."""
+    from blora_testkit.loras import FLUX_ROLE_BLOCKS, attention_shapes, make_pairs, write_comfy
+
+    shapes = attention_shapes(server.models_dir / "checkpoints" / server.flux_ckpt_name)
+    pairs = make_pairs(shapes, list(FLUX_ROLE_BLOCKS.values()), rank=4, seed=0)
+    write_comfy(server.models_dir / "blora" / TINY_FLUX_BLORA, pairs)
+
+
 def prepare_ui_server(server) -> None:
     """What every browser-layer server gets: the UI settings, the examples' input images, the tiny B-LoRA."""
     status, body = server.request("POST", "/settings", UI_SETTINGS)
@@ -74,6 +85,7 @@ def prepare_ui_server(server) -> None:
     for i, name in enumerate(input_images(example_workflows())):
         sample_image(server.input_dir / name, seed=i)
     write_tiny_blora(server)
+    write_tiny_flux_blora(server)
 
 
 def chromium_path() -> str | None:

@@ -350,11 +350,18 @@ def _input_types(nodes, node_type):
 
     ours = {cls.GET_SCHEMA().node_id: cls for cls in nodes.NODES}
     cls = ours.get(node_type) or host_nodes.NODE_CLASS_MAPPINGS.get(node_type)
+    if cls is None and node_type in EXTRAS:
+        import importlib
+
+        cls = getattr(importlib.import_module(EXTRAS[node_type]), node_type)
     return None if cls is None else cls.INPUT_TYPES()  # None: a comfy_extras node, not loaded in-process
 
 
 EXAMPLES = ["style_transfer", "text_stylization", "consistent_style", "block_weights", "train_then_apply",
-            "train_from_folder"]
+            "train_from_folder", "flux_style_transfer"]
+CHECKPOINTS = {"flux_style_transfer": "flux1-dev-fp8.safetensors"}  # the others: SDXL base
+EXTRAS = {"FluxGuidance": "comfy_extras.nodes_flux", "EmptySD3LatentImage": "comfy_extras.nodes_sd3"}  # host nodes
+# outside nodes.py: imported here for their inputs
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -368,7 +375,7 @@ def test_example_workflow_ui_and_api_twins_agree(nodes, name):
     assert ui["version"] == 0.4 and set(api) == {str(n["id"]) for n in ui["nodes"]}
     assert all(k.isdigit() for k in api)
     checkpoints = [n for n in api.values() if n["class_type"] == "CheckpointLoaderSimple"]
-    assert [c["inputs"]["ckpt_name"] for c in checkpoints] == ["sd_xl_base_1.0.safetensors"]
+    assert [c["inputs"]["ckpt_name"] for c in checkpoints] == [CHECKPOINTS.get(name, "sd_xl_base_1.0.safetensors")]
     by_id = {n["id"]: n for n in ui["nodes"]}
     for node in ui["nodes"]:
         twin = api[str(node["id"])]

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from blora_testkit.loras import ROLE_BLOCKS, attention_shapes, make_pairs, only_blocks, write_kohya, write_original
+from blora_testkit.loras import (FLUX_ROLE_BLOCKS, ROLE_BLOCKS, attention_shapes, make_pairs, only_blocks, write_comfy,
+                                 write_kohya, write_original)
 from blora_testkit.workflows import (api_example_names, load_api_example, message_types, read_image, read_latent,
                                      stock_graph)
 from blora_testkit.ws_listener import WsListener
@@ -20,6 +21,9 @@ from blora_testkit.ws_listener import WsListener
 np = pytest.importorskip("numpy")  # a host dependency; this layer is skipped without a host anyway
 
 EXTRA_BLOCK = "output_blocks.2.1"  # in every test B-LoRA: a block no role may apply
+# per architecture: the block of each role, the extra block, the dialect Load B-LoRA's test files are written in
+ARCHITECTURES = {"sdxl": (ROLE_BLOCKS, EXTRA_BLOCK, write_original),
+                 "flux": (FLUX_ROLE_BLOCKS, "double_blocks.1", write_comfy)}
 BLOCK_WEIGHTS = {"content": 0.7, "style": -0.4}  # the weights text the block-weights examples get (default 0)
 TRAIN_CHEAP = {"steps": 2, "resolution": 64, "rank": 4, "save_every": 0, "batch_size": 1, "grad_accumulation": 1,
                "training_dtype": "fp32"}
@@ -138,23 +142,34 @@ def _write_training_folder(folder, seed):
             (folder / name).with_suffix(".txt").write_text(caption, encoding="utf-8")
 
 
+def architecture(server, graph: dict) -> str:
+    """"flux" when the (prepared) graph loads the tiny FLUX.1 checkpoint, else "sdxl"."""
+    names = {n["inputs"].get("ckpt_name") for n in graph.values() if n["class_type"] == "CheckpointLoaderSimple"}
+    return "flux" if server.flux_ckpt_name in names else "sdxl"
+
+
 def prepare(server, name: str):
-    """The example on the tiny checkpoint, with test files behind every loader; {loader id: pairs}."""
-    graph = load_api_example(name, server.ckpt_name)
-    shapes = attention_shapes(server.models_dir / "checkpoints" / server.ckpt_name)
+    """The example on the tiny checkpoint (FLUX.1 examples on the tiny FLUX one), with test files behind every
+    loader; {loader id: pairs}."""
+    graph = load_api_example(name, server.ckpt_name, server.flux_ckpt_name)
+    arch = architecture(server, graph)
+    role_blocks, extra_block, blora_writer = ARCHITECTURES[arch]
+    ckpt = server.flux_ckpt_name if arch == "flux" else server.ckpt_name
+    shapes = attention_shapes(server.models_dir / "checkpoints" / ckpt)
     loras, pairs = server.models_dir / "loras", {}
     # K-LoRA's two LoRAs share no layer here, so its result has a stock twin (their sum); the rule itself is
     # pinned in tests/host/test_fusion.py
     fused = {n["inputs"][r][0]: r for n in graph.values() if n["class_type"] == "KLoRAFuse"
              for r in ("subject", "style")}
-    klora_blocks = {"subject": [ROLE_BLOCKS["content"], ROLE_BLOCKS["layout"], EXTRA_BLOCK],
-                    "style": [ROLE_BLOCKS["style"]]}
+    klora_blocks = {"subject": [b for r, b in role_blocks.items() if r != "style"] + [extra_block],
+                    "style": [role_blocks["style"]]}
     for nid, node in sorted(graph.items()):
         kind, inputs = node["class_type"], node["inputs"]
         if kind in ("BLoRALoader", "LoraLoader", "LoraLoaderModelOnly") and isinstance(inputs.get("lora_name"), str):
-            blocks = klora_blocks[fused[nid]] if nid in fused else [*ROLE_BLOCKS.values(), EXTRA_BLOCK]
+            blocks = klora_blocks[fused[nid]] if nid in fused else [*role_blocks.values(), extra_block]
             pairs[nid] = make_pairs(shapes, blocks, seed=_seed(name, nid))
-            writer = write_original if kind == "BLoRALoader" else write_kohya
+            assert pairs[nid], f"{name}: no target layers in {blocks}"
+            writer = blora_writer if kind == "BLoRALoader" else write_kohya
             inputs["lora_name"] = writer(loras / f"{name}_{nid}.safetensors", pairs[nid]).name
         elif kind == "LoadImage":
             _write_png(server.input_dir / f"{name}_{nid}.png", _seed(name, nid))
@@ -267,6 +282,7 @@ def stock_twin(server, name: str, graph: dict, pairs: dict):
     schedule becomes one stock sampler per step at that step's strengths; a trained MODEL, the trained file in a
     stock loader. ``exact`` is False where ours computes per-step weights (schedules) instead of patches."""
     twin, base, exact = copy.deepcopy(graph), copy.deepcopy(graph), True
+    roles = ARCHITECTURES[architecture(server, graph)][0]
 
     def parts_of(inputs, roles, strength):
         links = {r: inputs.get(r) for r in roles if inputs.get(r) is not None}
@@ -282,11 +298,11 @@ def stock_twin(server, name: str, graph: dict, pairs: dict):
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "BLoRAApply":
             square = inputs.get("strength_mode", "linear") == "alpha_squared"
-            parts = parts_of(inputs, ROLE_BLOCKS, lambda r: inputs[f"{r}_strength"] * (
+            parts = parts_of(inputs, roles, lambda r: inputs[f"{r}_strength"] * (
                 abs(inputs[f"{r}_strength"]) if square else 1.0))
-            replace_model(nid, inputs, [(src, [ROLE_BLOCKS[r]], s) for src, r, s in parts])
+            replace_model(nid, inputs, [(src, [roles[r]], s) for src, r, s in parts])
         elif kind == "BLoRABlockWeights":
-            parts = [(_source(graph, inputs["blora"], r), [ROLE_BLOCKS[r]], s) for r, s in BLOCK_WEIGHTS.items()]
+            parts = [(_source(graph, inputs["blora"], r), [roles[r]], s) for r, s in BLOCK_WEIGHTS.items()]
             replace_model(nid, inputs, parts)
         elif kind == "KLoRAFuse":  # prepare() gives the two LoRAs no layer in common: K-LoRA is then their sum
             subject, style = (_source(graph, inputs[r], r) for r in ("subject", "style"))
@@ -312,16 +328,16 @@ def stock_twin(server, name: str, graph: dict, pairs: dict):
                 first = graph[first["inputs"]["batch"][0]]
             entry = first["inputs"]
             assert entry.get("strength_mode", "linear") == "linear"
-            parts = parts_of(entry, ROLE_BLOCKS, lambda r: entry[f"{r}_strength"])
-            replace_model(nid, inputs, [(src, [ROLE_BLOCKS[r]], s) for src, r, s in parts])
+            parts = parts_of(entry, roles, lambda r: entry[f"{r}_strength"])
+            replace_model(nid, inputs, [(src, [roles[r]], s) for src, r, s in parts])
         elif kind == "BLoRASchedule":
             exact = False
             samplers = [k for k, n in graph.items()
                         if n["class_type"] == "KSampler" and n["inputs"]["model"] == [nid, 0]]
             assert len(samplers) == 1, samplers
             steps = graph[samplers[0]]["inputs"]["steps"]
-            parts = parts_of(inputs, ROLE_BLOCKS, lambda r: _step_strengths(inputs[f"{r}_schedule"], steps))
-            files = [(_block_file(server, name, graph, pairs, src, [ROLE_BLOCKS[r]]), s) for src, r, s in parts]
+            parts = parts_of(inputs, roles, lambda r: _step_strengths(inputs[f"{r}_schedule"], steps))
+            files = [(_block_file(server, name, graph, pairs, src, [roles[r]]), s) for src, r, s in parts]
             models = []
             for i in range(steps):
                 _chain(twin, f"{nid}_at{i}", inputs["model"], [(f, s[i]) for f, s in files])
@@ -354,7 +370,7 @@ def _results(server, pid: str) -> dict:
     return out
 
 
-def _expected_save(graph: dict, pairs: dict, nid: str) -> dict:
+def _expected_save(graph: dict, pairs: dict, nid: str, role_blocks: dict = ROLE_BLOCKS) -> dict:
     """The deltas (up @ down of the test's own pairs) a Save B-LoRA node writes: every module of a loaded file
     for roles "all", else each asked role's block from where that role comes (a loader, or a Merge's input)."""
     inputs = graph[nid]["inputs"]
@@ -362,14 +378,14 @@ def _expected_save(graph: dict, pairs: dict, nid: str) -> dict:
     if roles == "all" and graph[link[0]]["class_type"] == "BLoRALoader":
         chosen = pairs[link[0]]
     else:
-        wanted = list(ROLE_BLOCKS) if roles == "all" else [r.strip() for r in roles.split(",")]
-        assert set(wanted) <= set(ROLE_BLOCKS), f"no expected deltas for roles {roles!r}"
+        wanted = list(role_blocks) if roles == "all" else [r.strip() for r in roles.split(",")]
+        assert set(wanted) <= set(role_blocks), f"no expected deltas for roles {roles!r}"
         chosen = {}
         for role in wanted:
             src = _source(graph, link, role)
             if src is not None:
                 assert src[0] == "pairs", src
-                chosen.update(only_blocks(pairs[src[1]], [ROLE_BLOCKS[role]]))
+                chosen.update(only_blocks(pairs[src[1]], [role_blocks[role]]))
     return {p: up @ down for p, (down, up) in chosen.items()}
 
 
@@ -383,7 +399,7 @@ def test_example(server, name):
     assert ours, f"{name}: no output files{server.log_context(30)}"
     saved = {key: value for key, value in ours.items() if isinstance(value, dict)}
     for key, deltas in saved.items():  # a saved adapter: the deltas the test's own pairs give
-        expected = _expected_save(graph, pairs, key[0])
+        expected = _expected_save(graph, pairs, key[0], ARCHITECTURES[architecture(server, graph)][0])
         assert deltas.keys() == expected.keys(), f"{name} {key}: modules {sorted(deltas)[:3]}…"
         for path, delta in expected.items():
             torch.testing.assert_close(deltas[path], delta, rtol=2e-3, atol=2e-3)  # saved as fp16

@@ -1,6 +1,8 @@
 // Load B-LoRA: a compact map of the 11 SDXL attention blocks on the node (filled where the file holds the block,
 // coloured by role: content OUT0, style OUT1, layout IN08) and one text line (rank, alpha, dialect, parameters).
-// Driven by the node's UI output `blora` = [{dialect, roles, blocks, ranks, alpha, num_params, file, ...}].
+// A FLUX.1 file (`architecture` "FLUX.1") gets FLUX's 57 blocks instead: a row of the 19 double-stream blocks
+// (D00-D18, in no role) and two rows of the 38 single-stream ones (S00-S09 content, S10-S37 style: SplitFlux).
+// Driven by the node's UI output `blora` = [{architecture, dialect, roles, blocks, ranks, alpha, num_params, ...}].
 // State for tests and other extensions: node.bloraBlockMap = {info, present: [slot names]}.
 import { app } from "../../../scripts/app.js";
 import { addPanel, chain, COLORS, element, redraw } from "./blora_common.js";
@@ -15,10 +17,26 @@ export const SLOTS = [
   ["OUT4", "output_blocks.4.1"], ["OUT5", "output_blocks.5.1"],
 ].map(([slot, ldm, role]) => ({ slot, ldm, role }));
 
-/** Slot names present in `blocks` (LBW slots like "OUT1", or LDM module paths like "output_blocks.1.1"). */
-export function presentSlots(blocks) {
+const pad = (n) => String(n).padStart(2, "0");
+/** FLUX.1 blocks in model order: slot, host module, role (blora/arch/flux.py). */
+export const FLUX_SLOTS = [
+  ...Array.from({ length: 19 }, (_, n) => ({ slot: `D${pad(n)}`, ldm: `double_blocks.${n}` })),
+  ...Array.from({ length: 38 }, (_, n) => ({ slot: `S${pad(n)}`, ldm: `single_blocks.${n}`,
+    role: n < 10 ? "content" : "style" })),
+];
+
+/** The slots of the architecture a loader's UI output names (SDXL unless "FLUX.1"). */
+export function slotsFor(info) {
+  return String(info?.architecture ?? "").startsWith("FLUX") ? FLUX_SLOTS : SLOTS;
+}
+
+/** Slot names present in `blocks` (slots like "OUT1" or "S12", or module paths like "output_blocks.1.1"). A role
+ * name marks a block only on SDXL, where each role is one block. */
+export function presentSlots(blocks, slots = SLOTS) {
   const names = new Set((blocks ?? []).map((b) => String(b)));
-  return SLOTS.filter((s) => names.has(s.slot) || names.has(s.ldm) || names.has(s.role)).map((s) => s.slot);
+  const byRole = slots === SLOTS;
+  return slots.filter((s) => names.has(s.slot) || names.has(s.ldm) || (byRole && names.has(s.role)))
+    .map((s) => s.slot);
 }
 
 /** "64", "8/16/64" from a number, a list or a {block: rank} mapping. */
@@ -56,27 +74,39 @@ class BlockMapView {
     this.node = node;
     this.root = element("div", { display: "flex", flexDirection: "column", gap: "4px", width: "100%",
       font: "10px sans-serif", color: COLORS.text, boxSizing: "border-box" });
-    this.grid = element("div", { display: "grid", gridTemplateColumns: "repeat(11, 1fr)", gap: "2px" });
-    this.cells = new Map(SLOTS.map((s) => [s.slot, this.cell(s)]));
+    this.grid = element("div", { display: "grid", gap: "2px" });
+    this.layout(SLOTS);
     this.line = element("div", { font: "10px monospace", lineHeight: "13px", maxHeight: "26px",
       overflow: "hidden", overflowWrap: "anywhere" }, "block map: shown after a run");
     this.root.append(this.grid, this.line);
     addPanel(node, "blora_block_map", this.root, 62);
   }
 
-  cell(s) {
-    const c = element("div", { height: "26px", borderRadius: "3px", display: "flex", alignItems: "center",
-      justifyContent: "center", border: `1px solid ${COLORS.other}`, background: COLORS.empty,
-      color: COLORS.dim, fontSize: "9px", overflow: "hidden" }, s.slot.replace("OUT", "O").replace("IN0", "I"));
+  /** (Re)build the cells for `slots`: SDXL's 11 labelled cells in one row, FLUX's 57 small ones in 3 rows. */
+  layout(slots) {
+    if (this.slots === slots) return;
+    this.slots = slots;
+    this.grid.replaceChildren();
+    this.grid.style.gridTemplateColumns = `repeat(${slots === SLOTS ? 11 : 19}, 1fr)`;
+    this.cells = new Map(slots.map((s) => [s.slot, this.cell(s, slots === SLOTS)]));
+  }
+
+  cell(s, labelled) {
+    const c = element("div", { height: labelled ? "26px" : "8px", borderRadius: labelled ? "3px" : "2px",
+      display: "flex", alignItems: "center", justifyContent: "center", border: `1px solid ${COLORS.other}`,
+      background: COLORS.empty, color: COLORS.dim, fontSize: "9px", overflow: "hidden" },
+    labelled ? s.slot.replace("OUT", "O").replace("IN0", "I") : "");
     c.title = `${s.slot} (${s.ldm})${s.role ? `: ${s.role}` : ""}`;
     this.grid.append(c);
     return c;
   }
 
   render(info) {
-    const present = new Set(presentSlots(info.blocks));
+    const slots = slotsFor(info);
+    this.layout(slots);
+    const present = new Set(presentSlots(info.blocks, slots));
     const roles = new Set(roleNames(info.roles));
-    for (const s of SLOTS) {
+    for (const s of slots) {
       const on = present.has(s.slot);
       const color = s.role && (on || roles.has(s.role)) ? COLORS[s.role] : COLORS.other;
       const cell = this.cells.get(s.slot);
@@ -88,7 +118,7 @@ class BlockMapView {
     this.line.textContent = summaryText(info);
     this.line.title = [info.file, summaryText(info), `roles: ${[...roles].join(", ") || "none"}`]
       .filter(Boolean).join("\n");
-    this.node.bloraBlockMap = { info, present: [...present] };
+    this.node.bloraBlockMap = { info, present: slots.filter((s) => present.has(s.slot)).map((s) => s.slot) };
     redraw();
   }
 }
