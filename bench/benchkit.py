@@ -6,9 +6,14 @@ host are imported inside the functions, after ``setup_host`` has put the host on
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import re
+import resource
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -233,3 +238,45 @@ def host_train_lora(model, latent, cond, steps: int, rank: int, dtype: str, stam
             return [float(v) for v in result[1]["loss"]]
     finally:
         nodes_train.TrainSampler.__init__ = init
+
+
+def train_ours(args, model, vae, image, cond, stamp, prefix: str) -> list[float]:
+    """Train B-LoRA (``train_blora``) at the worker's rank, steps, resolution, dtype and checkpointing mode, every
+    step stamped (``stamp_every_step``); the losses."""
+    import torch
+
+    from blora.host.train import train_blora
+    from blora.train.recipe import TrainConfig
+
+    config = TrainConfig(rank=args.rank, alpha=float(args.rank), steps=args.steps, learning_rate=1e-4,
+                         resolution=args.res, training_dtype=args.dtype, gradient_checkpointing=args.gc)
+    stamp_every_step(stamp)
+    with torch.inference_mode():
+        return train_blora(model, vae, image, cond, config, filename_prefix=prefix).losses
+
+
+def status_kb(field: str) -> int:
+    """A ``/proc/self/status`` field in kB (VmRSS, VmHWM)."""
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def measure_worker(args, build, runners: dict) -> None:
+    """One training worker process: the memory cap, the host on CPU, a fresh output folder, the model ``build(args)``
+    gives, then ``runners[args.worker]`` timed at every step; prints one JSON line (median wall and CPU seconds per
+    step, RSS before and the peak, the losses)."""
+    if args.mem_cap_gb:  # an allocation error instead of the OOM killer on a shared machine
+        cap = int(args.mem_cap_gb * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+    setup_host(args.threads)
+    import folder_paths
+
+    folder_paths.set_output_directory(tempfile.mkdtemp(prefix="blora-bench-"))
+    model, vae, image, cond = build(args)
+    stamps: list[tuple[float, float]] = []
+    Path("/proc/self/clear_refs").write_text("5")  # the peak RSS back to the current RSS
+    rss0 = status_kb("VmRSS")
+    losses = runners[args.worker](args, model, vae, image, cond,
+                                  lambda: stamps.append((time.perf_counter(), time.process_time())))
+    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
+    print(json.dumps({"wall": statistics.median(s[0] for s in steps), "cpu": statistics.median(s[1] for s in steps),
+                      "rss0_kb": rss0, "hwm_kb": status_kb("VmHWM"), "losses": [float(x) for x in losses]}))

@@ -30,16 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from benchkit import FLUX_DEV, ROOT, run_stamp, setup_host, stamp_every_step
-from train import _ratio, _status_kb, summarize
+from benchkit import FLUX_DEV, ROOT, measure_worker, run_stamp, train_ours
+from train import _ratio, summarize
 
 RESULTS = ROOT / "bench" / "RESULTS-flux_train.txt"
 FULL_1_2 = dict(FLUX_DEV, depth=1, depth_single_blocks=2)  # full widths, 1 double + 2 single blocks
@@ -72,16 +68,7 @@ def build(args):
 
 
 def run_ours(args, model, vae, image, cond, stamp) -> list[float]:
-    import torch
-
-    from blora.host.train import train_blora
-    from blora.train.recipe import TrainConfig
-
-    config = TrainConfig(rank=args.rank, alpha=float(args.rank), steps=args.steps, learning_rate=1e-4,
-                         resolution=args.res, training_dtype=args.dtype, gradient_checkpointing=args.gc)
-    stamp_every_step(stamp)
-    with torch.inference_mode():
-        return train_blora(model, vae, image, cond, config, filename_prefix="bench/flux").losses
+    return train_ours(args, model, vae, image, cond, stamp, "bench/flux")
 
 
 def run_minimal(args, model, vae, image, cond, stamp) -> list[float]:
@@ -113,22 +100,7 @@ def run_minimal(args, model, vae, image, cond, stamp) -> list[float]:
 
 
 def worker(args) -> None:
-    if args.mem_cap_gb:  # an allocation error instead of the OOM killer on a shared machine
-        cap = int(args.mem_cap_gb * 2 ** 30)
-        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
-    setup_host(args.threads)
-    import folder_paths
-
-    folder_paths.set_output_directory(tempfile.mkdtemp(prefix="blora-bench-"))
-    model, vae, image, cond = build(args)
-    runner = run_ours if args.worker == "ours" else run_minimal
-    stamps: list[tuple[float, float]] = []
-    Path("/proc/self/clear_refs").write_text("5")  # the peak RSS back to the current RSS
-    rss0 = _status_kb("VmRSS")
-    losses = runner(args, model, vae, image, cond, lambda: stamps.append((time.perf_counter(), time.process_time())))
-    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
-    print(json.dumps({"wall": statistics.median(s[0] for s in steps), "cpu": statistics.median(s[1] for s in steps),
-                      "rss0_kb": rss0, "hwm_kb": _status_kb("VmHWM"), "losses": [float(x) for x in losses]}))
+    measure_worker(args, build, {"ours": run_ours, "minimal": run_minimal})
 
 
 def model_args(model: str, args) -> list[str]:

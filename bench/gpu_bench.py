@@ -49,13 +49,14 @@ import contextlib
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
+
+from benchkit import status_kb
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -135,10 +136,6 @@ class Window:
         return (self.end - self.start) / (self.total - self.warmup)
 
 
-def _rss_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def _reset_memory(device) -> int:
     import comfy.model_management as mm
     import torch
@@ -153,7 +150,7 @@ def _reset_memory(device) -> int:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-    return _rss_kb("VmRSS")
+    return status_kb("VmRSS")
 
 
 def _peak_gib(device, rss0_kb: int) -> float:
@@ -161,7 +158,7 @@ def _peak_gib(device, rss0_kb: int) -> float:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / GIB
-    return max(0, _rss_kb("VmHWM") - rss0_kb) / 2 ** 20
+    return max(0, status_kb("VmHWM") - rss0_kb) / 2 ** 20
 
 
 def _patcher(make, init):

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -29,14 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchkit import ROOT, setup_host, stamp_every_step
+from benchkit import ROOT, setup_host, stamp_every_step, status_kb
 
 RESULTS = ROOT / "bench" / "RESULTS-kinds.txt"
 ALGORITHMS = ("LoRA", "DoRA", "LoKr", "LoHa", "AdaLoRA")
-
-
-def _status_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
 def worker(args) -> None:
@@ -58,12 +53,12 @@ def worker(args) -> None:
     stamps: list[tuple[float, float]] = []
     stamp_every_step(lambda: stamps.append((time.perf_counter(), time.process_time())))
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
-    rss0 = _status_kb("VmRSS")
+    rss0 = status_kb("VmRSS")
     with torch.inference_mode():
         out = train_blora(model, vae, image, tiny_conditioning(0), config, filename_prefix="bench/kinds")
     steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
     print(json.dumps({"wall": statistics.median(s[0] for s in steps), "cpu": statistics.median(s[1] for s in steps),
-                      "rss0_kb": rss0, "hwm_kb": _status_kb("VmHWM"), "file": os.path.getsize(out.path),
+                      "rss0_kb": rss0, "hwm_kb": status_kb("VmHWM"), "file": os.path.getsize(out.path),
                       "params": out.adapter.num_params, "ranks": out.ranks}))
 
 

@@ -18,29 +18,24 @@ bench/RESULTS-seeds.txt.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 from pathlib import Path
 
-from benchkit import ROOT, clock, enough_memory, full_sdxl_model, progress, run_stamp, setup_host
+from benchkit import ROOT, clock, enough_memory, full_sdxl_model, progress, run_stamp, setup_host, status_kb
 
 RESULTS = ROOT / "bench" / "RESULTS-seeds.txt"
 SEEDS = 4
 FULL_MEMORY_GB = 14
 
 
-def _status_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def measure(job):
     """(CPU seconds, peak RSS growth in bytes) of job()."""
     Path("/proc/self/clear_refs").write_text("5")
-    rss0 = _status_kb("VmRSS")
+    rss0 = status_kb("VmRSS")
     t0 = clock()
     job()
-    return clock() - t0, (_status_kb("VmHWM") - rss0) * 1024
+    return clock() - t0, (status_kb("VmHWM") - rss0) * 1024
 
 
 def bench_model(label: str, model, context_dim: int, args) -> list[dict]:

@@ -32,22 +32,15 @@ import argparse
 import json
 import os
 import platform
-import re
-import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchkit import ROOT, full_sdxl_model, host_train_lora, setup_host, stamp_every_step
+from benchkit import ROOT, full_sdxl_model, host_train_lora, measure_worker, train_ours
 
 RESULTS = ROOT / "bench" / "RESULTS-train.txt"
-
-
-def _status_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
 def build(args):
@@ -95,16 +88,7 @@ def mid_sdxl_model():
 
 
 def run_ours(args, model, vae, image, cond, stamp) -> list[float]:
-    import torch
-
-    from blora.host.train import train_blora
-    from blora.train.recipe import TrainConfig
-
-    config = TrainConfig(rank=args.rank, alpha=float(args.rank), steps=args.steps, learning_rate=1e-4,
-                         resolution=args.res, training_dtype=args.dtype, gradient_checkpointing=args.gc)
-    stamp_every_step(stamp)
-    with torch.inference_mode():
-        return train_blora(model, vae, image, cond, config, filename_prefix="bench/ours").losses
+    return train_ours(args, model, vae, image, cond, stamp, "bench/ours")
 
 
 def run_minimal(args, model, vae, image, cond, stamp) -> list[float]:
@@ -137,22 +121,7 @@ def run_stock(args, model, vae, image, cond, stamp) -> list[float]:
 
 
 def worker(args) -> None:
-    if args.mem_cap_gb:  # fail with an allocation error instead of waking the OOM killer on a shared machine
-        cap = int(args.mem_cap_gb * 2 ** 30)
-        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
-    setup_host(args.threads)
-    import folder_paths
-
-    folder_paths.set_output_directory(tempfile.mkdtemp(prefix="blora-bench-"))
-    model, vae, image, cond = build(args)
-    runner = {"ours": run_ours, "minimal": run_minimal, "stock": run_stock}[args.worker]
-    stamps: list[tuple[float, float]] = []
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
-    rss0 = _status_kb("VmRSS")
-    losses = runner(args, model, vae, image, cond, lambda: stamps.append((time.perf_counter(), time.process_time())))
-    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
-    print(json.dumps({"wall": statistics.median(s[0] for s in steps), "cpu": statistics.median(s[1] for s in steps),
-                      "rss0_kb": rss0, "hwm_kb": _status_kb("VmHWM"), "losses": [float(x) for x in losses]}))
+    measure_worker(args, build, {"ours": run_ours, "minimal": run_minimal, "stock": run_stock})
 
 
 MODEL_ARGS = {  # per model size: resolution, rank, dtype, threads, memory cap of each run
