@@ -12,6 +12,7 @@ import platform
 import re
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -280,3 +281,17 @@ def measure_worker(args, build, runners: dict) -> None:
     steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
     print(json.dumps({"wall": statistics.median(s[0] for s in steps), "cpu": statistics.median(s[1] for s in steps),
                       "rss0_kb": rss0, "hwm_kb": status_kb("VmHWM"), "losses": [float(x) for x in losses]}))
+
+
+def spawn_worker(cmd: list[str], timeout: float) -> dict:
+    """Run one worker process (``measure_worker``): its JSON line, or ``{"error": why}`` (timed out, killed, the last
+    lines of its stderr)."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f}s"}
+    if done.returncode != 0:
+        why = "killed (out of memory?)" if done.returncode in (-9, 137) else f"exit {done.returncode}"
+        lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip() and not ln.startswith("WARNING")]
+        return {"error": why + ": " + " | ".join(lines[-3:])[:400]}
+    return json.loads(done.stdout.strip().splitlines()[-1])

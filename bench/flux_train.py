@@ -28,13 +28,11 @@ writes it to bench/RESULTS-flux_train.txt.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from benchkit import FLUX_DEV, ROOT, measure_worker, run_stamp, train_ours
+from benchkit import FLUX_DEV, ROOT, measure_worker, run_stamp, spawn_worker, train_ours
 from train import _ratio, summarize
 
 RESULTS = ROOT / "bench" / "RESULTS-flux_train.txt"
@@ -115,15 +113,7 @@ def spawn(variant: str, model: str, steps: int, args) -> dict:
     who, _, gc = variant.partition("/")
     cmd = [sys.executable, __file__, "--worker", who, "--model", model, "--steps", str(steps), "--gc", gc,
            "--threads", str(args.threads), *model_args(model, args)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout:.0f}s"}
-    if done.returncode != 0:
-        why = "killed (out of memory?)" if done.returncode in (-9, 137) else f"exit {done.returncode}"
-        lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip() and not ln.startswith("WARNING")]
-        return {"error": why + ": " + " | ".join(lines[-3:])[:400]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return spawn_worker(cmd, args.timeout)
 
 
 def measure(model: str, steps: int, repeats: int, args) -> dict:

@@ -29,16 +29,14 @@ reported as such.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchkit import ROOT, full_sdxl_model, host_train_lora, measure_worker, train_ours
+from benchkit import ROOT, full_sdxl_model, host_train_lora, measure_worker, spawn_worker, train_ours
 
 RESULTS = ROOT / "bench" / "RESULTS-train.txt"
 
@@ -138,15 +136,7 @@ def spawn(variant: str, model: str, steps: int, args) -> dict:
     variant, _, gc = variant.partition("/")  # "ours/trained blocks", "minimal/off", "stock/gc"
     cmd = [sys.executable, __file__, "--worker", variant, "--model", model, "--steps", str(steps), "--gc", gc,
            *MODEL_ARGS[model](args)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout:.0f}s"}
-    if done.returncode != 0:
-        why = "killed (out of memory?)" if done.returncode in (-9, 137) else f"exit {done.returncode}"
-        lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip() and not ln.startswith("WARNING")]
-        return {"error": why + ": " + " | ".join(lines[-3:])[:400]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return spawn_worker(cmd, args.timeout)
 
 
 DEFAULT, OFF, ALL = "ours/trained blocks", "ours/off", "ours/all above"
