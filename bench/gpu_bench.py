@@ -72,8 +72,9 @@ FLUX_GUIDANCE = 3.5
 
 # ------------------------------------------------------------------------------------------------- the jobs
 def jobs_for(loader: str, ns) -> list[dict]:
-    """What one loader process runs, in order (the minimal loop last: it rebuilds the UNet's targets in place;
-    FLUX: the two figures of the main ratio first, so a process cut short by its timeout still gives it)."""
+    """What one loader process runs, in order: the main ratio's figures first (ours in the default mode and ``off``,
+    the minimal loop without and with checkpointing), so a process cut short by its timeout still gives them; the
+    worker rebuilds the model after each minimal-loop job (it replaces the targets in place)."""
     if loader == "flux":
         res, steps = ns.flux_res, ns.flux_steps
         return [dict(kind="ours", gc=DEFAULT_MODE, offload=False, res=res, steps=steps),
@@ -81,7 +82,11 @@ def jobs_for(loader: str, ns) -> list[dict]:
                 dict(kind="ours", gc="off", offload=False, res=res, steps=steps),
                 dict(kind="minimal", gc=DEFAULT_MODE, res=res, steps=steps)]
     res = ns.res
-    jobs = [dict(kind="ours", gc=m, offload=False, res=res, steps=ns.steps) for m in MODES]
+    first = (DEFAULT_MODE, "off")  # the main ratio's figures first, so a process cut short by its timeout has them
+    jobs = [dict(kind="ours", gc=m, offload=False, res=res, steps=ns.steps) for m in first]
+    if loader == "static":
+        jobs += [dict(kind="minimal", gc=g, res=res, steps=ns.steps) for g in ("off", DEFAULT_MODE)]
+    jobs += [dict(kind="ours", gc=m, offload=False, res=res, steps=ns.steps) for m in MODES if m not in first]
     jobs += [dict(kind="ours", gc=m, offload=True, res=res, steps=ns.steps)
              for m in (MODES if loader == "static" else (DEFAULT_MODE,))]
     depths = ns.host_depths if loader == "static" else ns.host_depths[:1]
@@ -89,7 +94,6 @@ def jobs_for(loader: str, ns) -> list[dict]:
     if loader == "static":
         jobs += [dict(kind="ours", gc=m, offload=False, res=r, steps=ns.table_steps, table=True)
                  for r in ns.table_res if r != res for m in MODES]
-        jobs += [dict(kind="minimal", gc=g, res=res, steps=ns.steps) for g in ("off", DEFAULT_MODE)]
     return [j for j in jobs if job_group(j) in ns.sdxl_jobs]
 
 
@@ -456,20 +460,21 @@ def worker(ns) -> int:
         return 0  # nothing to measure: the table says why
     device = mm.get_torch_device()
     factory, vae, context_dim, dtype = build(ns)
-    patcher = factory()
+    patcher, fresh = factory(), True
     for job in jobs_for(ns.worker, ns):
         started = time.perf_counter()
+        if not fresh:  # the minimal loop replaced the targets in place: every job after it gets a fresh model
+            patcher = None
+            _reset_memory(device)
+            patcher, fresh = factory(), True
         rss0 = _reset_memory(device)
         try:
             if job["kind"] == "ours":
                 out = run_ours(job, ns, patcher, vae, context_dim, dtype, device)
             elif job["kind"] == "host":
                 out = run_host(job, ns, patcher, vae, context_dim, dtype, device, factory)
-            else:  # on a fresh model: the minimal loop replaces the targets in place
-                patcher = None
-                _reset_memory(device)
-                patcher = factory()
-                rss0 = _reset_memory(device)
+            else:
+                fresh = False
                 out = run_minimal(job, ns, patcher, vae, context_dim, dtype, device)
             out["peak_gib"] = _peak_gib(device, rss0)
         except Exception as e:  # noqa: BLE001 - reported in the table, the other jobs still run
