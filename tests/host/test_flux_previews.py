@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from blora_testkit.nodes import run_node
-from blora_testkit.tiny_flux import LATENT_CHANNELS, SINGLE, tiny_flux_conditioning, tiny_flux_model
-from blora_testkit.tiny_vae import tiny_vae
-from blora_testkit.train_fixtures import node, one_thread  # noqa: F401
+from blora_testkit.tiny_flux import LATENT_CHANNELS, SINGLE, tiny_flux_conditioning
+from blora_testkit.train_fixtures import flux_model, flux_vae, node, one_thread  # noqa: F401
 
 from blora.formats.files import read_adapter
 from blora.train.previews import ValidationSettings
@@ -24,17 +23,6 @@ PREVIEW = ValidationSettings(every=2, steps=3, cfg=1.0, width=64, height=64, see
 # single blocks, 0-9 are content and 10-11 style
 CONTENT_BLOCKS = {f"single_blocks.{n}" for n in range(10)}
 STYLE_BLOCKS = {"single_blocks.10", "single_blocks.11"}
-
-
-@pytest.fixture
-def flux_model(comfy_host):
-    with torch.inference_mode():  # weights are inference tensors, as a loader node's are
-        return tiny_flux_model(seed=0)
-
-
-@pytest.fixture(scope="module")
-def flux_vae(comfy_host):
-    return tiny_vae(0, latent_channels=LATENT_CHANNELS)
 
 
 def conditioning(seed: int, guidance: float | None):

@@ -10,9 +10,8 @@ import statistics
 import pytest
 import torch
 from blora_testkit.nodes import run_node
-from blora_testkit.tiny_flux import LATENT_CHANNELS, SINGLE, tiny_flux_conditioning, tiny_flux_model, tiny_flux_sample
-from blora_testkit.tiny_vae import tiny_vae
-from blora_testkit.train_fixtures import node, one_thread  # noqa: F401
+from blora_testkit.tiny_flux import LATENT_CHANNELS, SINGLE, tiny_flux_conditioning, tiny_flux_sample
+from blora_testkit.train_fixtures import flux_model, flux_vae, node, one_thread  # noqa: F401
 
 from blora.errors import BLoRAError
 from blora.formats.files import read_adapter
@@ -28,17 +27,6 @@ ALGORITHMS = {"LoRA": {}, "DoRA": dict(algorithm="DoRA"), "LoKr": dict(algorithm
               "AdaLoRA": dict(algorithm="AdaLoRA", adalora_target_rank=2, adalora_warmup=0.0, adalora_final=0.3,
                               adalora_interval=1)}
 SINGLE_TARGETS = {f"single_blocks.{n}.{layer}" for n in range(SINGLE) for layer in ("linear1", "linear2")}
-
-
-@pytest.fixture
-def flux_model(comfy_host):
-    with torch.inference_mode():  # weights are inference tensors, as a loader node's are
-        return tiny_flux_model(seed=0)
-
-
-@pytest.fixture(scope="module")
-def flux_vae(comfy_host):
-    return tiny_vae(0, latent_channels=LATENT_CHANNELS)
 
 
 def train(node, model, vae, guidance=3.5, **settings):
