@@ -69,6 +69,17 @@ def stock_flux_graph(ckpt_name: str, *, seed: int = 0, steps: int = 3, size: int
     return g
 
 
+def with_blora_apply(graph: dict, lora_name: str) -> dict:
+    """A stock graph (``stock_graph``, ``stock_flux_graph``) with Load B-LoRA -> Apply B-LoRA (content and style from
+    ``lora_name``, strength 1) between its checkpoint and its sampler."""
+    graph["30"] = {"class_type": "BLoRALoader", "inputs": {"lora_name": lora_name}}
+    graph["31"] = {"class_type": "BLoRAApply", "inputs": {
+        "model": ["1", 0], "content": ["30", 0], "style": ["30", 0], "content_strength": 1.0,
+        "style_strength": 1.0, "layout_strength": 1.0, "strength_mode": "linear"}}
+    graph["5"]["inputs"]["model"] = ["31", 0]
+    return graph
+
+
 def api_example_names() -> list[str]:
     """Names (without .json) of the shipped API-format examples."""
     return sorted(p.stem for p in API_EXAMPLES.glob("*.json"))

@@ -11,7 +11,7 @@ import torch
 from blora_testkit.loras import (ROLE_BLOCKS, attention_shapes, make_pairs, write_kohya, write_original,
                                  write_sd15_lora)
 from blora_testkit.server import PromptRejected
-from blora_testkit.workflows import execution_error, read_latent, stock_graph
+from blora_testkit.workflows import execution_error, read_latent, stock_graph, with_blora_apply
 
 PROMPT = "a photo of a cat"
 
@@ -57,13 +57,7 @@ def _sha(path) -> str:
 
 def apply_graph(server, lora_name: str, seed: int, prefix: str) -> dict:
     """Load B-LoRA -> Apply B-LoRA (content and style from the file) -> the stock sampler graph."""
-    graph = stock_graph(server.ckpt_name, seed=seed, prefix=prefix)
-    graph["30"] = {"class_type": "BLoRALoader", "inputs": {"lora_name": lora_name}}
-    graph["31"] = {"class_type": "BLoRAApply", "inputs": {
-        "model": ["1", 0], "content": ["30", 0], "style": ["30", 0], "content_strength": 1.0,
-        "style_strength": 1.0, "layout_strength": 1.0, "strength_mode": "linear"}}
-    graph["5"]["inputs"]["model"] = ["31", 0]
-    return graph
+    return with_blora_apply(stock_graph(server.ckpt_name, seed=seed, prefix=prefix), lora_name)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import torch
 
 from blora_testkit.loras import (FLUX_ROLE_BLOCKS, ROLE_BLOCKS, attention_shapes, make_pairs, write_comfy,
                                  write_original)
-from blora_testkit.workflows import execution_error, read_image, read_latent, stock_flux_graph, stock_graph
+from blora_testkit.workflows import (execution_error, read_image, read_latent, stock_flux_graph, stock_graph,
+                                     with_blora_apply)
 
 np = pytest.importorskip("numpy")
 
@@ -152,15 +153,6 @@ def test_train_on_flux_and_the_stock_lora_loader_renders_the_file_as_the_trained
     assert (trained - base).abs().max() > 100 * LATENT_ATOL  # the training moved the weights
 
 
-def _apply_graph(graph: dict, lora_name: str) -> dict:
-    graph["30"] = {"class_type": "BLoRALoader", "inputs": {"lora_name": lora_name}}
-    graph["31"] = {"class_type": "BLoRAApply", "inputs": {
-        "model": ["1", 0], "content": ["30", 0], "style": ["30", 0], "content_strength": 1.0,
-        "style_strength": 1.0, "layout_strength": 1.0, "strength_mode": "linear"}}
-    graph["5"]["inputs"]["model"] = ["31", 0]
-    return graph
-
-
 def test_an_adapter_of_the_other_architecture_fails_clearly_and_the_server_keeps_serving(server, reference):
     loras = server.models_dir / "loras"
     sdxl_ckpt = server.models_dir / "checkpoints" / server.ckpt_name
@@ -168,9 +160,9 @@ def test_an_adapter_of_the_other_architecture_fails_clearly_and_the_server_keeps
     write_original(loras / "sdxl_blora.safetensors", make_pairs(attention_shapes(sdxl_ckpt), ROLE_BLOCKS.values()))
     write_comfy(loras / "flux_blora.safetensors", make_pairs(attention_shapes(flux_ckpt), FLUX_ROLE_BLOCKS.values()))
 
-    cases = ((_apply_graph(stock_flux_graph(server.flux_ckpt_name, prefix="flux_wrong"), "sdxl_blora.safetensors"),
+    cases = ((with_blora_apply(stock_flux_graph(server.flux_ckpt_name, prefix="flux_wrong"), "sdxl_blora.safetensors"),
               r"sdxl_blora\.safetensors: is a SDXL adapter, the model is FLUX\.1"),
-             (_apply_graph(stock_graph(server.ckpt_name, prefix="sdxl_wrong"), "flux_blora.safetensors"),
+             (with_blora_apply(stock_graph(server.ckpt_name, prefix="sdxl_wrong"), "flux_blora.safetensors"),
               r"flux_blora\.safetensors: is a FLUX\.1 adapter, the model is SDXL"))
     for graph, message in cases:
         _, messages = server.run(graph, timeout=120, expect_success=False)
@@ -182,6 +174,6 @@ def test_an_adapter_of_the_other_architecture_fails_clearly_and_the_server_keeps
     latent, image = _outputs(server, stock_flux_graph(server.flux_ckpt_name, prefix="flux_after"))
     assert torch.equal(latent, reference[0]) and np.array_equal(image, reference[1])  # nothing was patched
     # and the right adapter still applies on the same server
-    right, _ = _outputs(server, _apply_graph(stock_flux_graph(server.flux_ckpt_name, prefix="flux_right"),
+    right, _ = _outputs(server, with_blora_apply(stock_flux_graph(server.flux_ckpt_name, prefix="flux_right"),
                                              "flux_blora.safetensors"))
     assert (right - reference[0]).abs().max() > 1e-2
